@@ -1,0 +1,708 @@
+"""The decision policy: one experiment's hourly aggregates in, one decision out (pure).
+
+The bot's scheduled job, ``loopbot analyze`` and ``loopbot simulate`` all run this module:
+the bot through :func:`decide` on one snapshot, the simulation through :func:`evaluate` on
+arrays of thousands of simulated runs. :func:`decide` *is* :func:`evaluate` on a batch of one
+at the latest hour, so the benchmark measures the code that acts on real users.
+
+Public API
+----------
+- ``DecisionConfig``: thresholds (the ``experiment`` section of the YAML config).
+- ``HourStats``: one completed hour of one experiment (votes after the per-user daily cap).
+- ``ExperimentSnapshot``: an experiment (active vs candidate) with its hourly strata.
+- ``decide(snapshot, config) -> Decision``: ``action`` in ``ACTIONS``, a ``reason`` with the
+  numbers, a ``stats`` dict, ``new_share`` for "ramp", ``restart`` when the test restarts.
+- ``ExperimentArrays`` / ``evaluate(arrays, config, concurrent_candidates) -> Trajectory``:
+  the vectorised core: the action every hourly look would take, for a batch of experiments.
+- ``describe_next_step(decision) -> str``: one line for the admin ``/stats`` view.
+
+The policy at each hourly look, in order (first match wins):
+
+1. the candidate's file changed → hold and restart the test (the old evidence is about a
+   different prompt);
+2. sample-ratio mismatch on *new users* per arm (always-valid, α_srm, and a deviation of at
+   least ``srm_min_relative_deviation``) → **freeze**: the split is broken, so every
+   comparison is suspect until a person looks;
+3. 👎 share on chat replies clearly higher (always-valid e-process at α_reactions/K *and* a
+   ratio ≥ ``reaction_max_ratio``) or mean latency ratio ≥ ``latency_max_ratio`` → **revert**;
+4. E⁻ ≥ K/alpha_revert_sequential → **revert**;
+5. no votes for ``stale_hours`` → hold (or retire at the horizon);
+6. E⁺ ≥ K/alpha_promote_sequential with ≥ ``min_votes_per_arm`` per arm and vote-rate
+   parity → **promote**;
+7. at the horizon (``max_duration_hours``): stratified Mantel–Haenszel z ≥ z(α_h/K) with
+   the same vote/parity conditions → **promote**; z ≤ −z(α_h'/K) → **revert**; otherwise
+   **retire** (keep the active version);
+8. vote-rate parity broken → hold;
+9. the traffic plan allows a larger share → **ramp**;
+10. otherwise hold.
+
+Error budgets: ``alpha_promote`` (1%) is split between the e-process
+(``alpha_promote_sequential``, any number of looks, Ville's inequality) and the single
+horizon test (the rest), so P(false promotion) ≤ 1%; ``alpha_revert`` (5%) likewise. With K
+concurrent candidates every budget is divided by K. Evidence is discounted by the
+``design_effect`` of users' clustered votes (see ``analytics.sequential.fisher_e_process``).
+
+Strata: hours, merged with their neighbours only while the smaller arm expects fewer than
+``min_stratum_votes`` votes, judged from the total count and the share
+(``analytics.sequential.block_strata``); a stratum enters the evidence at the look that
+closes it.
+
+Hours are the experiment's *completed* hours: a partial current hour must not be passed in,
+because the e-process multiplies one factor per closed stratum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import stats as sps
+
+from analytics.sequential import (
+    PsiPrior,
+    binomial_shift_log_evalue,
+    block_strata,
+    fisher_e_process,
+)
+from analytics.stats import accuracy_summary, mh_from_sums, mh_terms
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+ACTIONS = ("hold", "ramp", "promote", "revert", "retire", "freeze")
+HOLD, RAMP, PROMOTE, REVERT, RETIRE, FREEZE = range(6)
+# Actions that end the experiment (the simulation stops a run at the first one).
+TERMINAL = (PROMOTE, REVERT, RETIRE, FREEZE)
+
+RULES = (
+    "collecting",  # 0: not enough evidence either way yet
+    "srm",  # 1
+    "reactions",  # 2
+    "latency",  # 3
+    "evidence_worse",  # 4
+    "stale",  # 5
+    "evidence_better",  # 6
+    "horizon_mh",  # 7
+    "horizon_retire",  # 8
+    "parity",  # 9
+    "ramp",  # 10
+    "min_votes",  # 11: E⁺ crossed but an arm has too few votes
+    "restart",  # 12
+    "horizon_worse",  # 13
+)
+_RULE = {name: i for i, name in enumerate(RULES)}
+
+
+@dataclass
+class DecisionConfig:
+    """Thresholds of the experiment engine; defaults are the documented policy."""
+
+    # How often the scheduled analysis runs (minutes). The statistics use completed hours.
+    interval_minutes: float = 60.0
+    # Overall false-promotion budget, split between the e-process and the horizon test.
+    alpha_promote: float = 0.01
+    # The part of alpha_promote spent by the always-valid e-process (E⁺ ≥ 1/this).
+    alpha_promote_sequential: float = 0.003
+    # Overall false-revert budget (reverting is cheap, so harm is acted on at 5%), split like
+    # alpha_promote: E⁻ ≥ 1/alpha_revert_sequential at any look, the rest at the horizon.
+    alpha_revert: float = 0.05
+    alpha_revert_sequential: float = 0.03
+    # Promotion needs at least this many (capped) votes in each arm.
+    min_votes_per_arm: int = 100
+    # With no decision by then, keep the active version and retire the candidate.
+    max_duration_hours: float = 168.0
+    # At the horizon, promote when the stratified Mantel–Haenszel test clears the rest of
+    # alpha_promote (false: retire whatever the horizon data says).
+    horizon_fallback: bool = True
+    # Mixing prior of the e-processes: half-normal on |log odds ratio| on an even grid.
+    # sd ≈ 0.35 centres the bet on effects of 4–10 accuracy points at a base near 80%.
+    prior_sd: float = 0.5
+    prior_grid_min: float = 0.02
+    prior_grid_max: float = 1.6
+    prior_points: int = 40
+    # Strata: consecutive hours merge until the smaller arm expects min_stratum_votes votes
+    # (at most max_stratum_hours, never across a change of share): an hour where one arm got
+    # no vote carries no information, so sparse traffic would otherwise waste data.
+    min_stratum_votes: int = 3
+    max_stratum_hours: int = 6
+    # Sample-ratio mismatch: always-valid two-sided test of the served split → freeze.
+    alpha_srm: float = 0.001
+    srm_prior_sd: float = 0.2
+    # ... and only when the observed split is off by at least this fraction of the smaller
+    # planned side (50% → outside 45–55%; 10% → outside 9–11%): a freeze stops the test, so
+    # a deviation too small to bias it must not trigger one by chance.
+    srm_min_relative_deviation: float = 0.1
+    # Vote-rate parity: votes per served verdict must not differ between arms by more than
+    # this ratio with always-valid evidence at alpha_parity; otherwise promotion holds.
+    alpha_parity: float = 0.001
+    parity_max_ratio: float = 1.5
+    # No votes at all for this many completed hours: hold (the pipeline may be broken).
+    stale_hours: float = 6.0
+    # Each user's votes per UTC day beyond this are ignored (applied when aggregating).
+    max_votes_per_user_day: int = 10
+    # 👎 share on chat replies: revert when higher with evidence at alpha_reactions/K and at
+    # least this ratio of 👎 shares (candidate / active) over the test.
+    # A guardrail overrides the accuracy evidence, so it must almost never fire by chance:
+    # overwhelming evidence (E ≥ 10⁴) and a rise of at least half.
+    alpha_reactions: float = 0.0001
+    reaction_max_ratio: float = 1.5
+    min_reactions_per_arm: int = 50
+    # Mean reply latency ratio (candidate / active) that reverts, once both arms have samples.
+    latency_max_ratio: float = 1.5
+    min_latency_samples: int = 50
+    # Traffic plan: the candidate's share becomes ramp_shares[i] once the test is
+    # ramp_after_hours[i] old (a 10% smoke period, then 50/50, the most powerful split).
+    ramp_shares: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    ramp_after_hours: list[float] = field(default_factory=lambda: [0.0, 6.0])
+
+    def validate(self) -> None:
+        if self.interval_minutes <= 0:
+            raise ValueError("interval_minutes must be positive")
+        for name in ("alpha_promote", "alpha_revert", "alpha_srm", "alpha_parity",
+                     "alpha_reactions"):
+            value = getattr(self, name)
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {value}")
+        if not 0.0 < self.alpha_promote_sequential <= self.alpha_promote:
+            raise ValueError("alpha_promote_sequential must be in (0, alpha_promote]")
+        if not 0.0 < self.alpha_revert_sequential <= self.alpha_revert:
+            raise ValueError("alpha_revert_sequential must be in (0, alpha_revert]")
+        if self.min_stratum_votes < 1 or self.max_stratum_hours < 1:
+            raise ValueError("min_stratum_votes and max_stratum_hours must be at least 1")
+        if self.min_votes_per_arm < 1:
+            raise ValueError("min_votes_per_arm must be at least 1")
+        if self.max_duration_hours < 1:
+            raise ValueError("max_duration_hours must be at least 1")
+        if self.srm_min_relative_deviation < 0:
+            raise ValueError("srm_min_relative_deviation must be >= 0")
+        for name in ("prior_sd", "srm_prior_sd", "stale_hours"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        self.prior().validate()
+        if self.parity_max_ratio <= 1 or self.reaction_max_ratio < 1 or (
+            self.latency_max_ratio <= 1
+        ):
+            raise ValueError("parity/latency ratios must be > 1 and reaction ratio >= 1")
+        if self.min_reactions_per_arm < 0 or self.min_latency_samples < 0:
+            raise ValueError("minimum sample counts must be non-negative")
+        if self.max_votes_per_user_day < 0:
+            raise ValueError("max_votes_per_user_day must be >= 0 (0 = no cap)")
+        if not self.ramp_shares or len(self.ramp_shares) != len(self.ramp_after_hours):
+            raise ValueError("ramp_shares and ramp_after_hours need the same, non-zero length")
+        if any(not 0.0 < s < 1.0 for s in self.ramp_shares):
+            raise ValueError("ramp_shares must be in (0, 1)")
+        if sorted(self.ramp_after_hours) != list(self.ramp_after_hours) or (
+            self.ramp_after_hours[0] != 0
+        ):
+            raise ValueError("ramp_after_hours must start at 0 and be increasing")
+
+    def prior(self) -> PsiPrior:
+        return PsiPrior(self.prior_sd, self.prior_grid_min, self.prior_grid_max,
+                        self.prior_points)
+
+    def srm_prior(self) -> PsiPrior:
+        return PsiPrior(self.srm_prior_sd, 0.01, 1.5, 30)
+
+    def horizon_z(self, candidates: int = 1) -> float:
+        """MH z a promotion at the horizon needs: the rest of alpha_promote, one-sided."""
+        rest = self.alpha_promote - self.alpha_promote_sequential
+        return math.inf if rest <= 0 else float(sps.norm.isf(rest / candidates))
+
+    def horizon_revert_z(self, candidates: int = 1) -> float:
+        """−MH z a revert at the horizon needs: the rest of alpha_revert, one-sided."""
+        rest = self.alpha_revert - self.alpha_revert_sequential
+        return math.inf if rest <= 0 else float(sps.norm.isf(rest / candidates))
+
+    def target_share(self, elapsed_hours: float, candidates: int = 1) -> float:
+        """The plan's share at this age, capped so K candidates can share traffic evenly."""
+        share = self.ramp_shares[0]
+        for after, value in zip(self.ramp_after_hours, self.ramp_shares, strict=True):
+            if elapsed_hours >= after:
+                share = value
+        return min(share, 1.0 / (candidates + 1))
+
+
+# --------------------------------------------------------------------------- vectorised core
+
+
+@dataclass(frozen=True)
+class ExperimentArrays:
+    """Hourly aggregates of a batch of experiments: shape (batch, hours), hour 0 = start.
+
+    Votes are after the per-user daily cap. ``served_*`` are verdicts served (the exposure
+    for vote-rate parity). ``new_users_*`` count users seen for the first time in the
+    experiment that hour, per arm: the SRM test uses them because a new user's arm is an
+    independent draw with the planned share, whereas verdicts cluster by (sticky) user.
+    ``planned_share`` is the candidate's planned share during each hour; latency is a
+    per-hour count and sum (seconds). ``design_effect`` is the running estimate, at each
+    look, of the variance inflation from users' clustered votes (1 = independent votes;
+    ``analytics.stats.design_effect``).
+    """
+
+    votes_a: IntArray
+    correct_a: IntArray
+    votes_b: IntArray
+    correct_b: IntArray
+    served_a: IntArray
+    served_b: IntArray
+    new_users_a: IntArray
+    new_users_b: IntArray
+    planned_share: FloatArray
+    up_a: IntArray
+    down_a: IntArray
+    up_b: IntArray
+    down_b: IntArray
+    latency_n_a: IntArray
+    latency_sum_a: FloatArray
+    latency_n_b: IntArray
+    latency_sum_b: FloatArray
+    design_effect: FloatArray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        batch, hours = self.votes_a.shape
+        return batch, hours
+
+    def validate(self) -> None:
+        shape = self.votes_a.shape
+        if len(shape) != 2:
+            raise ValueError("arrays must be (batch, hours)")
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if value.shape != shape:
+                raise ValueError(f"{name} has shape {value.shape}, expected {shape}")
+        if np.any(self.correct_a > self.votes_a) or np.any(self.correct_b > self.votes_b):
+            raise ValueError("correct votes exceed votes")
+        if np.any(self.votes_a < 0) or np.any(self.votes_b < 0) or np.any(self.correct_a < 0):
+            raise ValueError("negative counts")
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """What every hourly look decides, shape (batch, hours); index t = after hour t."""
+
+    action: npt.NDArray[np.int8]
+    rule: npt.NDArray[np.int8]
+    log_e_plus: FloatArray
+    log_e_minus: FloatArray
+    log_e_srm: FloatArray
+    srm_observed_share: FloatArray
+    log_e_parity: FloatArray
+    log_e_reactions: FloatArray
+    mh_z: FloatArray
+    mh_odds_ratio: FloatArray
+    votes_a: IntArray
+    correct_a: IntArray
+    votes_b: IntArray
+    correct_b: IntArray
+    vote_rate_ratio: FloatArray
+    down_ratio: FloatArray
+    latency_ratio: FloatArray
+    target_share: FloatArray
+
+    def first_terminal(self) -> tuple[IntArray, IntArray]:
+        """Per run: the first terminal action (HOLD if none) and its hour index (-1 if none)."""
+        terminal = np.isin(self.action, TERMINAL)
+        any_t = terminal.any(axis=1)
+        idx = np.where(any_t, terminal.argmax(axis=1), -1)
+        rows = np.arange(self.action.shape[0])
+        act = np.where(any_t, self.action[rows, np.maximum(idx, 0)], HOLD)
+        return act.astype(np.int64), idx.astype(np.int64)
+
+
+def _ratio(num: FloatArray, den: FloatArray) -> FloatArray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+    return np.asarray(out, dtype=np.float64)
+
+
+def evaluate(
+    data: ExperimentArrays,
+    config: DecisionConfig,
+    concurrent_candidates: int = 1,
+    current_share: npt.ArrayLike | None = None,
+) -> Trajectory:
+    """The decision each hourly look takes, for every experiment of the batch.
+
+    ``current_share`` (batch, hours) is the share in force at each look (default: the planned
+    share of that hour); only the ramp rule reads it.
+    """
+    data.validate()
+    k = max(1, int(concurrent_candidates))
+    batch, hours = data.shape
+    prior = config.prior()
+
+    deff = np.maximum(np.asarray(data.design_effect, dtype=np.float64), 1.0)
+    blocks = block_strata(
+        {"va": data.votes_a, "xa": data.correct_a, "vb": data.votes_b, "xb": data.correct_b},
+        data.planned_share, ("va", "vb"), config.min_stratum_votes, config.max_stratum_hours)
+    closed = blocks.closed
+    both = fisher_e_process(closed["va"], closed["xa"], closed["vb"], closed["xb"], prior,
+                            design_effect=np.repeat(deff, 2, axis=1))
+    # Slot 2t+1 is the evidence after everything closed at look t.
+    evidence_plus = both.log_e_plus[:, 1::2]
+    evidence_minus = both.log_e_minus[:, 1::2]
+    # The fixed-time MH test may use the open block too (it is read once, at the horizon).
+    sums = [np.cumsum(t, axis=1)[:, 1::2] for t in
+            mh_terms(closed["va"], closed["xa"], closed["vb"], closed["xb"])]
+    pending = mh_terms(blocks.open["va"], blocks.open["xa"], blocks.open["vb"],
+                       blocks.open["xb"])
+    mh = mh_from_sums(*(c + p for c, p in zip(sums, pending, strict=True)))
+    mh_z = mh.z / np.sqrt(deff)
+
+    new_users = data.new_users_a + data.new_users_b
+    log_e_srm = binomial_shift_log_evalue(data.new_users_b, new_users, data.planned_share,
+                                          config.srm_prior())
+    served = data.served_a + data.served_b
+    # Parity: given an hour's votes, the candidate's count is Binomial(votes, its served
+    # share) if both arms' verdicts are voted on at the same rate.
+    votes = data.votes_a + data.votes_b
+    served_share = _ratio(data.served_b.astype(np.float64), served.astype(np.float64))
+    log_e_parity = binomial_shift_log_evalue(
+        data.votes_b, votes, np.nan_to_num(served_share, nan=-1.0), config.srm_prior()
+    )
+    # 👎 on chat replies: "success" = a 👎; E⁺ is evidence that the candidate draws more.
+    r_blocks = block_strata(
+        {"na": data.up_a + data.down_a, "xa": data.down_a, "nb": data.up_b + data.down_b,
+         "xb": data.down_b},
+        data.planned_share, ("na", "nb"), config.min_stratum_votes, config.max_stratum_hours)
+    rc = r_blocks.closed
+    reactions_plus = fisher_e_process(rc["na"], rc["xa"], rc["nb"], rc["xb"],
+                                      prior).log_e_plus[:, 1::2]
+
+    cum = {name: np.cumsum(getattr(data, name), axis=1) for name in (
+        "votes_a", "correct_a", "votes_b", "correct_b", "served_a", "served_b", "up_a",
+        "down_a", "up_b", "down_b", "latency_n_a", "latency_sum_a", "latency_n_b",
+        "latency_sum_b")}
+    rate_a = _ratio(cum["votes_a"].astype(np.float64), cum["served_a"].astype(np.float64))
+    rate_b = _ratio(cum["votes_b"].astype(np.float64), cum["served_b"].astype(np.float64))
+    vote_rate_ratio = _ratio(rate_b, rate_a)
+    react_a = (cum["up_a"] + cum["down_a"]).astype(np.float64)
+    react_b = (cum["up_b"] + cum["down_b"]).astype(np.float64)
+    down_ratio = _ratio(_ratio(cum["down_b"].astype(np.float64), react_b),
+                        _ratio(cum["down_a"].astype(np.float64), react_a))
+    latency_ratio = _ratio(_ratio(cum["latency_sum_b"], cum["latency_n_b"].astype(np.float64)),
+                           _ratio(cum["latency_sum_a"], cum["latency_n_a"].astype(np.float64)))
+
+    elapsed = np.arange(1, hours + 1, dtype=np.float64)[None, :]
+    at_horizon = np.broadcast_to(elapsed >= config.max_duration_hours, (batch, hours))
+    idx = np.arange(hours)[None, :]
+    last_vote = np.maximum.accumulate(np.where(votes > 0, idx, -1), axis=1)
+    stale = (idx - last_vote) >= config.stale_hours
+
+    cum_new = np.cumsum(new_users, axis=1).astype(np.float64)
+    expected_share = _ratio(np.cumsum(new_users * np.asarray(data.planned_share), axis=1),
+                            cum_new)
+    observed_share = _ratio(np.cumsum(data.new_users_b, axis=1).astype(np.float64), cum_new)
+    scale = np.minimum(expected_share, 1.0 - expected_share)
+    srm_deviation = np.nan_to_num(_ratio(np.abs(observed_share - expected_share), scale))
+    srm = (log_e_srm >= math.log(1.0 / config.alpha_srm)) & (
+        srm_deviation >= config.srm_min_relative_deviation)
+    reactions_bad = (
+        (reactions_plus >= math.log(k / config.alpha_reactions))
+        & (np.nan_to_num(down_ratio, nan=0.0) >= config.reaction_max_ratio)
+        & (np.minimum(react_a, react_b) >= config.min_reactions_per_arm)
+    )
+    latency_bad = (
+        (np.nan_to_num(latency_ratio, nan=0.0) >= config.latency_max_ratio)
+        & (np.minimum(cum["latency_n_a"], cum["latency_n_b"]) >= config.min_latency_samples)
+    )
+    worse = evidence_minus >= math.log(k / config.alpha_revert_sequential)
+    enough = np.minimum(cum["votes_a"], cum["votes_b"]) >= config.min_votes_per_arm
+    ratio = np.nan_to_num(vote_rate_ratio, nan=1.0)
+    parity_broken = (log_e_parity >= math.log(1.0 / config.alpha_parity)) & (
+        (ratio > config.parity_max_ratio) | (ratio < 1.0 / config.parity_max_ratio)
+    )
+    better = evidence_plus >= math.log(k / config.alpha_promote_sequential)
+    horizon_better = config.horizon_fallback & (mh_z >= config.horizon_z(k))
+    horizon_worse = config.horizon_fallback & (mh_z <= -config.horizon_revert_z(k))
+
+    target = np.array([config.target_share(float(e), k) for e in elapsed[0]])[None, :]
+    share_now = (np.asarray(data.planned_share, dtype=np.float64) if current_share is None
+                 else np.broadcast_to(np.asarray(current_share, dtype=np.float64),
+                                      (batch, hours)))
+    ramp = target > share_now + 1e-9
+
+    # np.select takes the first true condition: the list order is the policy order.
+    conditions = [
+        srm,
+        reactions_bad,
+        latency_bad,
+        worse,
+        stale & at_horizon,
+        stale,
+        better & enough & ~parity_broken,
+        at_horizon & horizon_better & enough & ~parity_broken,
+        at_horizon & horizon_worse,
+        at_horizon,
+        parity_broken,
+        better & ~enough,
+        ramp,
+    ]
+    actions = [FREEZE, REVERT, REVERT, REVERT, RETIRE, HOLD, PROMOTE, PROMOTE, REVERT, RETIRE,
+               HOLD, HOLD, RAMP]
+    rules = [_RULE[r] for r in ("srm", "reactions", "latency", "evidence_worse",
+                                "horizon_retire", "stale", "evidence_better", "horizon_mh",
+                                "horizon_worse", "horizon_retire", "parity", "min_votes",
+                                "ramp")]
+    action = np.select(conditions, actions, default=HOLD).astype(np.int8)
+    rule = np.select(conditions, rules, default=_RULE["collecting"]).astype(np.int8)
+    return Trajectory(
+        action=action,
+        rule=rule,
+        log_e_plus=evidence_plus,
+        log_e_minus=evidence_minus,
+        log_e_srm=log_e_srm,
+        srm_observed_share=observed_share,
+        log_e_parity=log_e_parity,
+        log_e_reactions=reactions_plus,
+        mh_z=mh_z,
+        mh_odds_ratio=mh.odds_ratio,
+        votes_a=cum["votes_a"],
+        correct_a=cum["correct_a"],
+        votes_b=cum["votes_b"],
+        correct_b=cum["correct_b"],
+        vote_rate_ratio=vote_rate_ratio,
+        down_ratio=down_ratio,
+        latency_ratio=latency_ratio,
+        target_share=np.broadcast_to(target, (batch, hours)).astype(np.float64),
+    )
+
+
+# ------------------------------------------------------------------------ the bot's entry
+
+
+@dataclass(frozen=True)
+class HourStats:
+    """One completed hour of an experiment (absolute hour index, e.g. hours since epoch)."""
+
+    hour: int
+    votes_a: int = 0
+    correct_a: int = 0
+    votes_b: int = 0
+    correct_b: int = 0
+    served_a: int = 0
+    served_b: int = 0
+    new_users_a: int = 0
+    new_users_b: int = 0
+    planned_share: float = 0.0
+    up_a: int = 0
+    down_a: int = 0
+    up_b: int = 0
+    down_b: int = 0
+    latency_n_a: int = 0
+    latency_sum_a: float = 0.0
+    latency_n_b: int = 0
+    latency_sum_b: float = 0.0
+
+
+@dataclass(frozen=True)
+class ExperimentSnapshot:
+    """An experiment as the store sees it at ``now_hour``.
+
+    ``strata`` may be sparse (hours without traffic can be left out) and must only hold
+    completed hours in [start_hour, now_hour); anything else is ignored. ``design_effect``
+    comes from ``analytics.stats.design_effect`` over each user's capped votes in the test.
+    """
+
+    active_id: str
+    candidate_id: str
+    planned_share: float
+    start_hour: int
+    now_hour: int
+    strata: Sequence[HourStats] = ()
+    concurrent_candidates: int = 1
+    content_changed: bool = False
+    design_effect: float = 1.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    reason: str
+    rule: str
+    stats: dict[str, Any]
+    new_share: float | None = None
+    restart: bool = False
+
+
+def snapshot_arrays(snapshot: ExperimentSnapshot) -> tuple[ExperimentArrays, FloatArray]:
+    """Dense (1, hours) arrays from the sparse strata, plus the share in force at each look."""
+    hours = max(0, snapshot.now_hour - snapshot.start_hour)
+    ints = {name: np.zeros((1, hours), dtype=np.int64) for name in (
+        "votes_a", "correct_a", "votes_b", "correct_b", "served_a", "served_b", "new_users_a",
+        "new_users_b", "up_a", "down_a", "up_b", "down_b", "latency_n_a", "latency_n_b")}
+    floats = {name: np.zeros((1, hours), dtype=np.float64)
+              for name in ("latency_sum_a", "latency_sum_b")}
+    share = np.full((1, hours), float("nan"))
+    for row in snapshot.strata:
+        i = row.hour - snapshot.start_hour
+        if not 0 <= i < hours:
+            continue
+        for name, arr in ints.items():
+            arr[0, i] += int(getattr(row, name))
+        for name, farr in floats.items():
+            farr[0, i] += float(getattr(row, name))
+        share[0, i] = row.planned_share
+    # Hours without a stratum served nothing, so their planned share never matters for the
+    # SRM test; carrying the last known one keeps the ramp rule's view continuous.
+    filled = share.copy()
+    last = snapshot.planned_share
+    for i in range(hours - 1, -1, -1):
+        if np.isnan(filled[0, i]):
+            filled[0, i] = last
+        else:
+            last = filled[0, i]
+    deff = np.full((1, hours), max(1.0, float(snapshot.design_effect)))
+    arrays = ExperimentArrays(
+        votes_a=ints["votes_a"], correct_a=ints["correct_a"], votes_b=ints["votes_b"],
+        correct_b=ints["correct_b"], served_a=ints["served_a"], served_b=ints["served_b"],
+        new_users_a=ints["new_users_a"], new_users_b=ints["new_users_b"],
+        planned_share=filled, up_a=ints["up_a"], down_a=ints["down_a"], up_b=ints["up_b"],
+        down_b=ints["down_b"], latency_n_a=ints["latency_n_a"],
+        latency_sum_a=floats["latency_sum_a"], latency_n_b=ints["latency_n_b"],
+        latency_sum_b=floats["latency_sum_b"], design_effect=deff,
+    )
+    current = filled.copy()
+    if hours:
+        current[0, -1] = snapshot.planned_share
+    return arrays, current
+
+
+def _fmt_e(log_e: float) -> str:
+    value = math.exp(min(log_e, 700.0))
+    return f"{value:.3g}"
+
+
+def decide(snapshot: ExperimentSnapshot, config: DecisionConfig) -> Decision:
+    """The decision at ``snapshot.now_hour`` (the same code path the simulation measures)."""
+    k = max(1, snapshot.concurrent_candidates)
+    elapsed = snapshot.now_hour - snapshot.start_hour
+    if snapshot.content_changed:
+        return Decision(
+            action="hold",
+            rule="restart",
+            reason=(f"{snapshot.candidate_id} changed on disk: the test restarts from zero, "
+                    "because the evidence so far is about the old prompt"),
+            stats={"elapsed_hours": max(0, elapsed)},
+            new_share=None,
+            restart=True,
+        )
+    if elapsed <= 0:
+        return Decision(action="hold", rule="collecting", reason="the test has no completed "
+                        "hour yet", stats={"elapsed_hours": 0})
+    arrays, current = snapshot_arrays(snapshot)
+    traj = evaluate(arrays, config, k, current)
+    i = elapsed - 1
+    action = int(traj.action[0, i])
+    rule = RULES[int(traj.rule[0, i])]
+
+    va, ca = int(traj.votes_a[0, i]), int(traj.correct_a[0, i])
+    vb, cb = int(traj.votes_b[0, i]), int(traj.correct_b[0, i])
+    acc_a, acc_b = accuracy_summary(va, ca), accuracy_summary(vb, cb)
+    log_ep, log_em = float(traj.log_e_plus[0, i]), float(traj.log_e_minus[0, i])
+
+    def nan_none(x: float) -> float | None:
+        return None if math.isnan(x) else x
+
+    stats: dict[str, Any] = {
+        "elapsed_hours": elapsed,
+        "hours_left": max(0.0, config.max_duration_hours - elapsed),
+        "votes_a": va, "correct_a": ca, "votes_b": vb, "correct_b": cb,
+        "accuracy_a": acc_a.accuracy, "interval_a": [acc_a.low, acc_a.high],
+        "accuracy_b": acc_b.accuracy, "interval_b": [acc_b.low, acc_b.high],
+        "e_plus": math.exp(min(log_ep, 700.0)), "e_minus": math.exp(min(log_em, 700.0)),
+        "promote_threshold": k / config.alpha_promote_sequential,
+        "revert_threshold": k / config.alpha_revert_sequential,
+        "mh_z": float(traj.mh_z[0, i]), "mh_odds_ratio": float(traj.mh_odds_ratio[0, i]),
+        "horizon_z": config.horizon_z(k),
+        "horizon_revert_z": config.horizon_revert_z(k),
+        "design_effect": max(1.0, float(snapshot.design_effect)),
+        "srm_e": math.exp(min(float(traj.log_e_srm[0, i]), 700.0)),
+        "srm_threshold": 1.0 / config.alpha_srm,
+        "srm_observed_share": nan_none(float(traj.srm_observed_share[0, i])),
+        "parity_e": math.exp(min(float(traj.log_e_parity[0, i]), 700.0)),
+        "vote_rate_ratio": nan_none(float(traj.vote_rate_ratio[0, i])),
+        "reactions_e": math.exp(min(float(traj.log_e_reactions[0, i]), 700.0)),
+        "down_ratio": nan_none(float(traj.down_ratio[0, i])),
+        "latency_ratio": nan_none(float(traj.latency_ratio[0, i])),
+        "planned_share": snapshot.planned_share,
+        "target_share": float(traj.target_share[0, i]),
+        "concurrent_candidates": k,
+    }
+    reason = _reason(rule, snapshot, config, stats)
+    return Decision(
+        action=ACTIONS[action],
+        reason=reason,
+        rule=rule,
+        stats=stats,
+        new_share=float(traj.target_share[0, i]) if action == RAMP else None,
+    )
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _reason(rule: str, snap: ExperimentSnapshot, cfg: DecisionConfig, s: dict[str, Any]) -> str:
+    arms = (f"{snap.active_id} {_pct(s['accuracy_a'])} of {s['votes_a']} votes vs "
+            f"{snap.candidate_id} {_pct(s['accuracy_b'])} of {s['votes_b']}")
+    ep, em = _fmt_e(math.log(max(s["e_plus"], 1e-300))), _fmt_e(math.log(max(s["e_minus"],
+                                                                              1e-300)))
+    if rule == "srm":
+        return (f"sample-ratio mismatch: {_pct(s['srm_observed_share'])} of new users went to "
+                f"{snap.candidate_id}, planned {_pct(snap.planned_share)} (SRM e-value "
+                f"{s['srm_e']:.3g} ≥ "
+                f"{s['srm_threshold']:.0f}); test frozen for a person to check routing")
+    if rule == "reactions":
+        return (f"👎 on {snap.candidate_id}'s replies {s['down_ratio']:.2f}× the active "
+                f"version's (e-value {s['reactions_e']:.3g}); reverting")
+    if rule == "latency":
+        return (f"{snap.candidate_id} is {s['latency_ratio']:.2f}× slower than "
+                f"{snap.active_id} (limit {cfg.latency_max_ratio}×); reverting")
+    if rule == "evidence_worse":
+        return f"candidate worse: E⁻ = {em} ≥ {s['revert_threshold']:.0f}; {arms}; reverting"
+    if rule == "evidence_better":
+        return (f"candidate better: E⁺ = {ep} ≥ {s['promote_threshold']:.0f}; {arms}; "
+                "promoting")
+    if rule == "horizon_mh":
+        return (f"{s['elapsed_hours']} h horizon: stratified MH z = {s['mh_z']:.2f} ≥ "
+                f"{s['horizon_z']:.2f}; {arms}; promoting")
+    if rule == "horizon_worse":
+        return (f"{s['elapsed_hours']} h horizon: stratified MH z = {s['mh_z']:.2f} ≤ "
+                f"−{s['horizon_revert_z']:.2f}; {arms}; reverting")
+    if rule == "horizon_retire":
+        return (f"no decision after {s['elapsed_hours']} h (E⁺ = {ep}, E⁻ = {em}, MH z = "
+                f"{s['mh_z']:.2f}); {arms}; keeping {snap.active_id}, retiring "
+                f"{snap.candidate_id}")
+    if rule == "stale":
+        return f"no votes for {cfg.stale_hours:g} h: holding until data flows again"
+    if rule == "parity":
+        return (f"vote rates differ between arms ({s['vote_rate_ratio']:.2f}×, e-value "
+                f"{s['parity_e']:.3g}): holding, accuracy may be biased by who votes")
+    if rule == "min_votes":
+        return (f"E⁺ = {ep} clears the bar but an arm has fewer than "
+                f"{cfg.min_votes_per_arm} votes; {arms}")
+    if rule == "ramp":
+        return (f"smoke period passed without harm; raising {snap.candidate_id} from "
+                f"{_pct(snap.planned_share)} to {_pct(s['target_share'])}")
+    return f"collecting: E⁺ = {ep}, E⁻ = {em}; {arms}; {s['hours_left']:.0f} h left"
+
+
+def describe_next_step(decision: Decision) -> str:
+    """One line for ``/stats``: what the engine does now or needs before it acts."""
+    s = decision.stats
+    if decision.restart:
+        return "test restarts (the candidate's file changed)"
+    if decision.action != "hold":
+        return f"{decision.action}: {decision.reason}"
+    if decision.rule == "collecting" and "e_plus" in s:
+        need_up = s["promote_threshold"] / max(s["e_plus"], 1e-300)
+        need_down = s["revert_threshold"] / max(s["e_minus"], 1e-300)
+        return (f"holding: promotion needs {need_up:.3g}× more evidence, revert "
+                f"{need_down:.3g}×; at most {s['hours_left']:.0f} h until the horizon")
+    return f"holding: {decision.reason}"

@@ -1,0 +1,352 @@
+"""Typed settings: one YAML file, then environment variables, then command-line flags.
+
+Every section is a dataclass; the loader walks the dataclass fields, so a new setting is one
+typed field with a default, and unknown keys or wrong types are refused with the key's dotted
+name instead of a traceback deep inside the bot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from analytics.decide import DecisionConfig
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or of the wrong type; the message names the key."""
+
+
+@dataclass
+class TelegramConfig:
+    # Secret: prefer the TELEGRAM_BOT_TOKEN environment variable over the file.
+    token: str = ""
+    # Telegram user ids allowed to use admin commands (LOOPBOT_ADMINS=1,2).
+    admins: list[int] = field(default_factory=list)
+    # Bot API root; change it for a self-hosted Bot API server (or a test server).
+    base_url: str = "https://api.telegram.org/bot"
+    # File-download root of the same server (for documents users send).
+    base_file_url: str = "https://api.telegram.org/file/bot"
+    # What a private chat gets: "both", "verdict" or "reply".
+    respond_with: str = "both"
+    # Emoji on chat replies counted as good / bad feedback.
+    positive_reactions: list[str] = field(default_factory=lambda: ["👍", "❤", "🔥", "👏"])
+    negative_reactions: list[str] = field(default_factory=lambda: ["👎", "💩", "🤮"])
+    # Per-user flood protection: at most this many messages per window.
+    user_rate_limit: int = 8
+    user_rate_window_s: float = 30.0
+    # Longest message text processed; longer ones are cut (and the user told).
+    max_message_chars: int = 2000
+    # Edit the reply while it is generated (at most once per this many seconds; 0 = off).
+    stream_edit_interval_s: float = 0.0
+    # Polling: how long a getUpdates request waits on the server.
+    poll_timeout_s: int = 10
+    # Webhook mode (empty = long polling).
+    webhook_url: str = ""
+    webhook_listen: str = "0.0.0.0:8443"
+    webhook_secret: str = ""
+
+
+@dataclass
+class ModelConfig:
+    # GGUF file; empty = the fetched default in model_dir.
+    path: str = ""
+    # Where `loopbot model fetch` puts models and where the default one is looked for.
+    model_dir: str = "~/.cache/loopbot/models"
+    # "llama_cpp" (runs qwen2) or "ctransformers" (optional extra; older architectures only).
+    backend: str = "llama_cpp"
+    # CPU threads for inference; 0 = all cores.
+    n_threads: int = 0
+    # Context size (tokens) of each of the two contexts (verdicts, chat replies).
+    n_ctx: int = 2048
+    # Prompt versions whose prefix KV state stays cached.
+    prefix_cache_versions: int = 4
+    # A caller waiting longer than this gets an error; the worker keeps serving.
+    verdict_timeout_s: float = 30.0
+    reply_timeout_s: float = 120.0
+    # Pending inference jobs beyond this are refused with "busy" instead of queueing forever.
+    max_queue: int = 32
+    # Tokens of a user's message that are read; the rest is cut.
+    max_input_tokens: int = 512
+    # Download source for `loopbot model fetch`.
+    fetch_repo: str = "Qwen/Qwen1.5-0.5B-Chat-GGUF"
+    fetch_file: str = "qwen1_5-0_5b-chat-q8_0.gguf"
+    fetch_sha256: str = ""
+    fetch_base_url: str = "https://huggingface.co"
+
+
+@dataclass
+class StorageConfig:
+    # The SQLite database (WAL mode; keep it on a local disk).
+    db: str = "loopbot.db"
+    # Message texts older than this are erased (votes and labels stay). 0 = keep forever.
+    retention_days: int = 90
+    # Nightly backups go here; the newest backup_keep are kept.
+    backup_dir: str = "backups"
+    backup_keep: int = 7
+    # Nightly backup hour (UTC); -1 = off.
+    backup_hour_utc: int = -1
+
+
+@dataclass
+class PromptsConfig:
+    # Folder of prompt version YAML files.
+    directory: str = "prompts"
+    # Version served to everybody until the database says otherwise.
+    default_version: str = "v1-zh"
+    # Salt for the sticky user -> bucket hash; changing it reshuffles every user.
+    routing_salt: str = "loopbot"
+
+
+@dataclass
+class LoopConfig:
+    # "automatic": mined candidates go to canary after the offline check;
+    # "suggest": they wait for an admin's /approve; "off": no mining.
+    mode: str = "suggest"
+    error_rate_trigger: float = 0.15
+    min_credible_votes: int = 100
+    offline_margin: float = 0.0
+    # Optional OpenAI-compatible endpoint proposing revised instructions (empty = off).
+    llm_endpoint: str = ""
+    llm_model: str = ""
+
+
+@dataclass
+class HealthConfig:
+    # Port of the /healthz and /metrics endpoint; 0 = off.
+    port: int = 0
+    # Address to listen on; 0.0.0.0 inside a container.
+    host: str = "127.0.0.1"
+    # /healthz fails when one inference job has been running longer than this.
+    stuck_after_s: float = 120.0
+
+
+@dataclass
+class LoggingConfig:
+    # DEBUG, INFO, WARNING or ERROR. Message texts are never logged at INFO.
+    level: str = "INFO"
+    # One JSON object per log line (for log collectors).
+    json: bool = False
+
+
+@dataclass
+class Settings:
+    telegram: TelegramConfig = field(default_factory=TelegramConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    experiment: DecisionConfig = field(default_factory=DecisionConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Set by the loader: where relative paths are anchored.
+    source: str = ""
+
+
+# Environment variables for containers and secrets: name -> dotted key.
+ENV_OVERRIDES: dict[str, str] = {
+    "TELEGRAM_BOT_TOKEN": "telegram.token",
+    "LOOPBOT_ADMINS": "telegram.admins",
+    "LOOPBOT_BASE_URL": "telegram.base_url",
+    "LOOPBOT_MODEL": "model.path",
+    "LOOPBOT_MODEL_DIR": "model.model_dir",
+    "LOOPBOT_THREADS": "model.n_threads",
+    "LOOPBOT_DB": "storage.db",
+    "LOOPBOT_PROMPTS": "prompts.directory",
+    "LOOPBOT_HEALTH_PORT": "health.port",
+    "LOOPBOT_WEBHOOK_SECRET": "telegram.webhook_secret",
+    "LOOPBOT_LOG_LEVEL": "logging.level",
+    "LOOPBOT_LOG_JSON": "logging.json",
+    "LOOPBOT_HEALTH_HOST": "health.host",
+    "LOOPBOT_WEBHOOK_URL": "telegram.webhook_url",
+    "LOOPBOT_WEBHOOK_LISTEN": "telegram.webhook_listen",
+    "LOOPBOT_RETENTION_DAYS": "storage.retention_days",
+    "LOOPBOT_BACKUP_DIR": "storage.backup_dir",
+    "LOOPBOT_BACKUP_KEEP": "storage.backup_keep",
+    "LOOPBOT_BACKUP_HOUR_UTC": "storage.backup_hour_utc",
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, *, from_text: bool) -> Any:
+    """Check (or, for env/flag strings, convert) one value against its declared type."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if from_text and isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_coerce(f"{key}[{i}]", v, item_tp, from_text=from_text)
+                for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(key, value, option, from_text=from_text)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value")
+    if tp is bool:
+        if from_text and isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if from_text and isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if from_text and isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            if from_text:
+                return str(value)
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported setting type {_type_name(tp)}")
+
+
+def _apply_mapping(obj: Any, data: Any, prefix: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or '<root>'}: expected a mapping of keys")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)} - {"source"}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{dotted}: unknown setting (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply_mapping(current, value if value is not None else {}, f"{dotted}.")
+        else:
+            setattr(obj, key, _coerce(dotted, value, tp, from_text=False))
+
+
+def set_dotted(settings: Settings, dotted: str, value: Any, *, from_text: bool = True) -> None:
+    """Set one setting by its dotted name (env variables and flags)."""
+    *parents, leaf = dotted.split(".")
+    obj: Any = settings
+    for part in parents:
+        obj = getattr(obj, part)
+    hints = typing.get_type_hints(type(obj))
+    setattr(obj, leaf, _coerce(dotted, value, hints[leaf], from_text=from_text))
+
+
+def _validate(settings: Settings) -> None:
+    if settings.telegram.respond_with not in {"both", "verdict", "reply"}:
+        raise ConfigError("telegram.respond_with: must be 'both', 'verdict' or 'reply'")
+    if settings.model.backend not in {"llama_cpp", "ctransformers"}:
+        raise ConfigError("model.backend: must be 'llama_cpp' or 'ctransformers'")
+    if settings.loop.mode not in {"automatic", "suggest", "off"}:
+        raise ConfigError("loop.mode: must be 'automatic', 'suggest' or 'off'")
+    if settings.model.n_threads < 0:
+        raise ConfigError("model.n_threads: must be 0 (all cores) or more")
+    for key in ("verdict_timeout_s", "reply_timeout_s"):
+        if getattr(settings.model, key) <= 0:
+            raise ConfigError(f"model.{key}: must be positive")
+    if settings.model.n_ctx < 256:
+        raise ConfigError("model.n_ctx: must be at least 256")
+    if settings.model.max_queue < 1:
+        raise ConfigError("model.max_queue: must be at least 1")
+    if settings.model.prefix_cache_versions < 1:
+        raise ConfigError("model.prefix_cache_versions: must be at least 1")
+    if not -1 <= settings.storage.backup_hour_utc <= 23:
+        raise ConfigError("storage.backup_hour_utc: must be -1 (off) or an hour 0-23")
+    if settings.storage.retention_days < 0:
+        raise ConfigError("storage.retention_days: must be 0 (keep forever) or more")
+    if settings.storage.backup_keep < 1:
+        raise ConfigError("storage.backup_keep: must be at least 1")
+    if not 0 <= settings.health.port <= 65535:
+        raise ConfigError("health.port: must be between 0 and 65535")
+    check = getattr(settings.experiment, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ValueError as exc:
+            raise ConfigError(f"experiment: {exc}") from exc
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: typing.Mapping[str, str] | None = None,
+    overrides: typing.Mapping[str, Any] | None = None,
+) -> Settings:
+    """File (``path`` or ``$LOOPBOT_CONFIG``; optional) < environment < ``overrides`` (flags)."""
+    env = os.environ if env is None else env
+    settings = Settings()
+    chosen = path or env.get("LOOPBOT_CONFIG") or None
+    if chosen:
+        cfg_path = Path(chosen).expanduser()
+        if not cfg_path.is_file():
+            raise ConfigError(f"config file {cfg_path} does not exist")
+        try:
+            data = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {cfg_path} is not valid YAML: {exc}") from exc
+        _apply_mapping(settings, data, "")
+        settings.source = str(cfg_path)
+    for name, dotted in ENV_OVERRIDES.items():
+        if env.get(name):
+            try:
+                set_dotted(settings, dotted, env[name])
+            except ConfigError as exc:
+                raise ConfigError(f"{name} ({exc})") from exc
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(settings, dotted, value)
+    _validate(settings)
+    return settings
+
+
+def resolve_path(settings: Settings, value: str) -> Path:
+    """Relative paths in a config file are relative to that file; otherwise to the cwd."""
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute() or not settings.source:
+        return candidate
+    return Path(settings.source).parent / candidate
+
+
+# The versions shipped with loopbot, used when the configured directory is relative and absent
+# (e.g. `loopbot console` started from another folder).
+BUNDLED_PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
+
+
+def prompts_directory(settings: Settings) -> Path:
+    configured = resolve_path(settings, settings.prompts.directory)
+    if configured.is_dir() or Path(settings.prompts.directory).expanduser().is_absolute():
+        return configured
+    return BUNDLED_PROMPTS if BUNDLED_PROMPTS.is_dir() else configured

@@ -1,0 +1,140 @@
+"""``loopbot console``: the bot's pipeline in a terminal, stored exactly as the bot stores it.
+
+Each line typed gets the verdict and the reply; ``y`` / ``n`` marks the last verdict right or
+wrong (a vote, as a button click would be). With stdin not a terminal, each input line gives
+one output line (or one JSON object with ``--json``), so the console can be scripted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import TextIO
+
+from bot.config import Settings, load_settings, prompts_directory, resolve_path
+from bot.llm.types import InferenceError
+
+# Console conversations are stored under this chat; ids far from real Telegram chat ids.
+CONSOLE_CHAT_ID = -1
+VOTE_WORDS = {"y": "correct", "yes": "correct", "n": "wrong", "no": "wrong"}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+async def run_console(settings: Settings, *, stdin: TextIO, stdout: TextIO, user_id: int,
+                      as_json: bool, interactive: bool, with_reply: bool) -> int:
+    from bot.llm.model_path import resolve_model
+    from bot.llm.runtime import ModelRuntime
+    from bot.prompts import load_directory
+    from bot.service import IncomingText, Service
+    from bot.store.queries import Store
+
+    model = resolve_model(settings)
+    versions = load_directory(prompts_directory(settings))
+    store = await Store.open(resolve_path(settings, settings.storage.db))
+    runtime = ModelRuntime(model, settings.model)
+    try:
+        await runtime.start()
+        service = Service(settings, store, runtime, versions)
+        await service.start()
+        if interactive:
+            print(f"loopbot console — model {model.name}. Type a message; y/n marks the last "
+                  "verdict right/wrong; Ctrl-D quits.", file=stdout)
+        last_id: int | None = None
+        # Message ids must be unique within the chat across runs: base them on the clock.
+        next_message_id = int(time.time() * 1000)
+        while True:
+            if interactive:
+                stdout.write("> ")
+                stdout.flush()
+            line = await asyncio.to_thread(stdin.readline)
+            if not line:
+                break
+            text = line.rstrip("\r\n")
+            if not text.strip():
+                continue
+            if text.strip().lower() in VOTE_WORDS:
+                if last_id is None:
+                    print("(nothing to vote on yet)", file=stdout)
+                    continue
+                choice = VOTE_WORDS[text.strip().lower()]
+                outcome = await service.record_vote(last_id, user_id, choice,
+                                                    chat_id=CONSOLE_CHAT_ID,
+                                                    message_id=-next_message_id)
+                vote = {"vote": choice, "interaction": last_id, "stored": outcome.ok}
+                status = "stored" if outcome.ok else f"refused: {outcome.reason}"
+                shown = f"vote: {choice} ({status})"
+                print(json.dumps(vote) if as_json else shown, file=stdout)
+                continue
+            next_message_id += 1
+            try:
+                classified = await service.classify(IncomingText(
+                    chat_id=CONSOLE_CHAT_ID, user_id=user_id, message_id=next_message_id,
+                    text=text, chat_type="console"))
+                reply = await service.reply(classified.interaction) if with_reply else None
+            except InferenceError as exc:
+                print(json.dumps({"error": str(exc)}) if as_json else f"error: {exc}",
+                      file=stdout)
+                continue
+            verdict = classified.verdict
+            assert verdict is not None
+            last_id = classified.interaction.id
+            # The "message" showing the verdict, as the bot notes its verdict message.
+            await service.note_messages(last_id, CONSOLE_CHAT_ID, "verdict", [-next_message_id])
+            label = classified.version.label(verdict.label)
+            if as_json:
+                print(json.dumps({
+                    "interaction": last_id, "version": classified.version.id,
+                    "verdict": verdict.label, "probability": round(verdict.confidence, 4),
+                    "probabilities": {k: round(v, 4) for k, v in verdict.probabilities.items()},
+                    "verdict_ms": round(verdict.latency_ms, 1),
+                    "reply": reply.text if reply else None,
+                }, ensure_ascii=False), file=stdout)
+            elif interactive:
+                print(f"{label.emoji} {label.display} · {verdict.confidence:.0%}  "
+                      f"[{classified.version.id}, {verdict.latency_ms:.0f} ms]", file=stdout)
+                if reply is not None:
+                    print(reply.text or "(empty reply)", file=stdout)
+            else:
+                shown = f"{verdict.label} {verdict.confidence:.2f}"
+                tail = f" | {_one_line(reply.text)}" if reply is not None else ""
+                print(f"{shown}{tail}", file=stdout)
+            stdout.flush()
+    finally:
+        await runtime.close()
+        await store.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, overrides={"model.path": args.model,
+                                                     "storage.db": args.db})
+    if args.prompt:
+        settings.prompts.default_version = args.prompt
+    try:
+        return asyncio.run(run_console(
+            settings, stdin=sys.stdin, stdout=sys.stdout, user_id=args.user,
+            as_json=args.json, interactive=sys.stdin.isatty() and not args.json,
+            with_reply=not args.no_reply))
+    except InferenceError as exc:
+        print(f"loopbot console: {exc}", file=sys.stderr)
+        return 2
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "console", help="try the bot in a terminal (verdict, reply, y/n feedback)")
+    parser.add_argument("--model", default=None, help="GGUF file (default: model.path, else "
+                        "the default model, fetched on first use)")
+    parser.add_argument("--db", default=None, help="SQLite file (default: storage.db)")
+    parser.add_argument("--prompt", default=None,
+                        help="prompt version to start with when none is active yet")
+    parser.add_argument("--user", type=int, default=1, help="user id the votes are stored under")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--no-reply", action="store_true", help="verdicts only")
+    parser.set_defaults(func=run)

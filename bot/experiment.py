@@ -1,0 +1,511 @@
+"""The I/O half of the decision engine: database -> snapshots -> ``decide`` -> version state.
+
+:mod:`analytics.decide` is pure (hourly aggregates in, a decision out). This module reads what
+it needs from the store, one :class:`~analytics.decide.ExperimentSnapshot` per candidate, and
+applies the decision through :mod:`bot.versions`, the only writer of version state, so every
+change commits in one transaction together with its audit entry and the statistics behind it.
+The scheduled job (:mod:`bot.telegram.jobs`), ``loopbot analyze`` and ``/stats`` all call
+:func:`analyze`, so they reach the same decision on the same data.
+
+What an experiment is, as read from the database
+------------------------------------------------
+- Arm A = the active version, arm B = the candidate. The test starts at the later of the
+  candidate's ``state_since`` (set by ``/canary`` on a new candidate and reset when its file
+  changes) and the active version's ``state_since``: after a promotion the other candidates
+  are compared with a different active version, so their old evidence does not count.
+- Hours are absolute UTC hours (Unix time // 3600). Only completed hours enter: the current
+  hour is still filling up, and the e-process multiplies one factor per closed stratum.
+- Verdicts served, new users and reply latency are counted in the hour of the interaction;
+  votes and reactions in the hour they were cast. Late feedback therefore lands in a later
+  stratum instead of rewriting a closed one, which keeps the e-process a process over time.
+- Each voter's votes per UTC day beyond ``max_votes_per_user_day`` are dropped (across both
+  arms, in time order): one enthusiastic user must not swing a test.
+- New users (first interaction with A or B since the test started) feed the sample-ratio
+  test. Their planned share is the candidate's share when they arrived, taken from the audit
+  log, conditioned on landing in A or B (other candidates take their own slices).
+
+How decisions are applied
+-------------------------
+- promote -> :func:`bot.versions.promote` (the candidate becomes active, the old active is
+  retired and remembered as the rollback target);
+- revert and retire -> :func:`bot.versions.retire` of the candidate (the active version
+  stays);
+- ramp -> :func:`bot.versions.set_canary` with the new share (the range grows, users stay);
+- freeze -> :func:`bot.versions.retire` too: share 0. A sample-ratio mismatch means routing
+  or logging is broken, so nobody knows what the candidate's users really got; serving the
+  active version to everyone is the known-safe state until a person has looked, and a frozen
+  candidate that kept its share would trip the same alarm every hour. ``/canary`` starts a
+  fresh test once the cause is fixed. The audit entry's ``stats.decision`` says "freeze";
+- hold that restarts a test (the candidate's file changed) ->
+  :func:`bot.versions.restart_edited`;
+- hold -> nothing is written.
+
+Every audit entry's ``stats`` holds the decision's statistics plus ``decision`` (the engine's
+action), ``rule`` and ``now_hour``. The state is re-read right before a write and the write
+is skipped if the experiment changed since the snapshot (an admin acted meanwhile).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from analytics.decide import (
+    Decision,
+    DecisionConfig,
+    ExperimentSnapshot,
+    HourStats,
+    decide,
+    describe_next_step,
+)
+from analytics.stats import cap_vote_records, design_effect
+from bot import versions
+from bot.prompts import PromptVersion
+from bot.store.db import Database
+
+log = logging.getLogger(__name__)
+
+HOUR_S = 3600
+DAY_S = 86400
+ENGINE_ACTOR = "engine"
+# Audit actions the share timeline reads: these set a candidate's share, all others end it.
+_SHARE_ACTIONS = ("canary", "restart")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One candidate's test as the database describes it, and its snapshot for ``decide``."""
+
+    snapshot: ExperimentSnapshot
+    # Unix time the comparison starts (see the module docstring).
+    start: float
+    # What the write is checked against: the state must still be this when it is applied.
+    candidate: versions.VersionState
+    active: versions.VersionState
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the engine decided for one candidate and what it did about it."""
+
+    candidate_id: str
+    active_id: str
+    decision: Decision
+    # True when the decision was written (dry runs and holds write nothing).
+    applied: bool
+    audit_id: int | None
+    # The admin message: action, reason and the numbers behind it.
+    message: str
+    # Set when applying failed (the state is unchanged: each write is one transaction).
+    error: str | None = None
+    snapshot: ExperimentSnapshot | None = None
+
+    @property
+    def action(self) -> str:
+        return self.decision.action
+
+    @property
+    def notable(self) -> bool:
+        """Worth a message to the admins: anything but a plain hold."""
+        return self.error is not None or self.decision.action != "hold" or (
+            self.decision.restart)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "candidate": self.candidate_id, "active": self.active_id,
+            "action": self.decision.action, "rule": self.decision.rule,
+            "reason": self.decision.reason, "new_share": self.decision.new_share,
+            "restart": self.decision.restart, "applied": self.applied,
+            "audit_id": self.audit_id, "error": self.error, "message": self.message,
+            "next_step": describe_next_step(self.decision),
+            "stats": _json_safe(self.decision.stats),
+        }
+
+
+def _json_safe(value: Any) -> Any:
+    """Infinite and NaN floats as strings/None so the output is strict JSON."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------ share timeline
+
+
+@dataclass(frozen=True)
+class ShareTimeline:
+    """Each version's candidate share over time, replayed from the audit log."""
+
+    changes: Mapping[str, Sequence[tuple[float, float]]]
+
+    @classmethod
+    def from_audit(cls, entries: Iterable[versions.AuditEntry]) -> ShareTimeline:
+        changes: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for e in sorted(entries, key=lambda e: e.id):
+            changes[e.version_id].append(
+                (e.at, e.share if e.action in _SHARE_ACTIONS and e.to_state == versions.CANDIDATE
+                 else 0.0))
+            if e.previous_active and e.previous_active != e.version_id and e.action in (
+                    "promote", "rollback"):
+                changes[e.previous_active].append((e.at, 0.0))
+        return cls(dict(changes))
+
+    def share_at(self, version_id: str, at: float, default: float = 0.0) -> float:
+        share = default
+        for when, value in self.changes.get(version_id, ()):
+            if when > at:
+                break
+            share = value
+        return share
+
+    def max_concurrent(self, since: float, until: float) -> int:
+        """Most candidates served at once in [since, until]: the error budget is split by
+        this, so every look of a test used the same, valid threshold."""
+        moments = [since] + [when for changes in self.changes.values()
+                             for when, _ in changes if since <= when <= until]
+        return max(sum(self.share_at(v, at) > 0 for v in self.changes) for at in moments)
+
+    def conditional_share(self, candidate: versions.VersionState, others: Sequence[str],
+                          at: float) -> float:
+        """P(arm B | the user is served by A or B) at ``at``: other candidates' slices are
+        outside this comparison."""
+        own = self.share_at(candidate.version_id, at, default=candidate.share)
+        rest = 1.0 - sum(self.share_at(o, at) for o in others)
+        return own / rest if rest > 0 else own
+
+
+# ------------------------------------------------------------------------------ snapshots
+
+
+@dataclass
+class _Hour:
+    votes: list[int]
+    correct: list[int]
+    served: list[int]
+    new_users: list[int]
+    new_share_sum: float
+    up: list[int]
+    down: list[int]
+    latency_n: list[int]
+    latency_sum: list[float]
+
+    @classmethod
+    def empty(cls) -> _Hour:
+        return cls([0, 0], [0, 0], [0, 0], [0, 0], 0.0, [0, 0], [0, 0], [0, 0], [0.0, 0.0])
+
+
+def experiment_start(candidate: versions.VersionState, active: versions.VersionState) -> float:
+    return max(candidate.since, active.since)
+
+
+async def build_experiment(
+    db: Database, deployment: versions.Deployment, candidate: versions.VersionState,
+    prompt_versions: Mapping[str, PromptVersion], config: DecisionConfig, now: float,
+    timeline: ShareTimeline,
+) -> Experiment:
+    """The candidate's experiment at ``now``: completed hours since the test started."""
+    active = deployment.active
+    assert active is not None
+    a_id, b_id = active.version_id, candidate.version_id
+    start = experiment_start(candidate, active)
+    start_hour = int(start // HOUR_S)
+    now_hour = int(now // HOUR_S)
+    end = now_hour * HOUR_S
+    arm_of = {a_id: 0, b_id: 1}
+    others = [c.version_id for c in deployment.candidates if c.version_id != b_id]
+    hours: dict[int, _Hour] = defaultdict(_Hour.empty)
+
+    rows = await db.fetchall(
+        "SELECT user_id, version_id, created_at, label IS NOT NULL AS verdict,"
+        " reply_latency_ms FROM interactions"
+        " WHERE version_id IN (?, ?) AND created_at >= ? AND created_at < ?"
+        " ORDER BY created_at, id", (a_id, b_id, start, end))
+    seen: set[int] = set()
+    for r in rows:
+        arm = arm_of[r["version_id"]]
+        at = float(r["created_at"])
+        h = hours[int(at // HOUR_S)]
+        if r["verdict"]:
+            h.served[arm] += 1
+        if r["user_id"] not in seen:
+            seen.add(r["user_id"])
+            h.new_users[arm] += 1
+            h.new_share_sum += timeline.conditional_share(candidate, others, at)
+        if r["reply_latency_ms"] is not None:
+            h.latency_n[arm] += 1
+            h.latency_sum[arm] += float(r["reply_latency_ms"]) / 1000.0
+
+    votes = await db.fetchall(
+        # The value as cast: a later change must not rewrite an hour that already closed.
+        "SELECT v.user_id, COALESCE(v.first_correct, v.correct) AS correct, v.created_at,"
+        " i.version_id FROM votes v"
+        " JOIN interactions i ON i.id = v.interaction_id"
+        " WHERE i.version_id IN (?, ?) AND i.created_at >= ? AND v.created_at < ?"
+        " ORDER BY v.created_at, v.id", (a_id, b_id, start, end))
+    keep = cap_vote_records([(v["user_id"], int(float(v["created_at"]) // DAY_S))
+                             for v in votes], config.max_votes_per_user_day)
+    per_user: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for v, kept in zip(votes, keep, strict=True):
+        if not kept:
+            continue
+        arm = arm_of[v["version_id"]]
+        h = hours[int(float(v["created_at"]) // HOUR_S)]
+        h.votes[arm] += 1
+        h.correct[arm] += int(v["correct"])
+        counts = per_user[int(v["user_id"])]
+        counts[2 * arm] += 1
+        counts[2 * arm + 1] += int(v["correct"])
+
+    reactions = await db.fetchall(
+        "SELECT r.polarity, r.updated_at, i.version_id FROM reactions r"
+        " JOIN interactions i ON i.id = r.interaction_id"
+        " WHERE r.kind = 'reply' AND r.polarity != 0 AND i.version_id IN (?, ?)"
+        " AND i.created_at >= ? AND r.updated_at < ?", (a_id, b_id, start, end))
+    for r in reactions:
+        arm = arm_of[r["version_id"]]
+        h = hours[int(float(r["updated_at"]) // HOUR_S)]
+        if int(r["polarity"]) > 0:
+            h.up[arm] += 1
+        else:
+            h.down[arm] += 1
+
+    strata = []
+    for hour in sorted(hours):
+        h = hours[hour]
+        new = h.new_users[0] + h.new_users[1]
+        # Hours without a new user still need a share for the strata boundaries.
+        share = (h.new_share_sum / new if new else
+                 timeline.conditional_share(candidate, others, (hour + 1) * HOUR_S - 1e-3))
+        strata.append(HourStats(
+            hour=hour, votes_a=h.votes[0], correct_a=h.correct[0], votes_b=h.votes[1],
+            correct_b=h.correct[1], served_a=h.served[0], served_b=h.served[1],
+            new_users_a=h.new_users[0], new_users_b=h.new_users[1], planned_share=share,
+            up_a=h.up[0], down_a=h.down[0], up_b=h.up[1], down_b=h.down[1],
+            latency_n_a=h.latency_n[0], latency_sum_a=h.latency_sum[0],
+            latency_n_b=h.latency_n[1], latency_sum_b=h.latency_sum[1],
+        ))
+
+    deff = 1.0
+    if per_user:
+        users = np.array(list(per_user.values()), dtype=np.float64)
+        deff = float(design_effect(users[:, 0], users[:, 1], users[:, 2], users[:, 3]))
+    version = prompt_versions.get(b_id)
+    snapshot = ExperimentSnapshot(
+        active_id=a_id, candidate_id=b_id, planned_share=candidate.share,
+        start_hour=start_hour, now_hour=now_hour, strata=tuple(strata),
+        concurrent_candidates=max(len(deployment.candidates),
+                                  timeline.max_concurrent(start, now)),
+        content_changed=version is not None and candidate.content_hash not in (
+            "", version.content_hash),
+        design_effect=deff,
+    )
+    return Experiment(snapshot, start, candidate, active)
+
+
+async def build_experiments(
+    db: Database, prompt_versions: Mapping[str, PromptVersion], config: DecisionConfig,
+    now: float,
+) -> list[Experiment]:
+    """One experiment per running candidate (none without an active version)."""
+    deployment = await versions.load(db)
+    if deployment.active is None or not deployment.candidates:
+        return []
+    timeline = ShareTimeline.from_audit(await versions.audit_log(db, limit=1_000_000))
+    return [await build_experiment(db, deployment, c, prompt_versions, config, now, timeline)
+            for c in deployment.candidates]
+
+
+# ------------------------------------------------------------------------------ applying
+
+
+def audit_stats(decision: Decision, snapshot: ExperimentSnapshot) -> dict[str, Any]:
+    return {**_json_safe(decision.stats), "decision": decision.action, "rule": decision.rule,
+            "now_hour": snapshot.now_hour, "start_hour": snapshot.start_hour}
+
+
+async def apply_decision(
+    db: Database, experiment: Experiment, decision: Decision,
+    prompt_versions: Mapping[str, PromptVersion], *, actor: str = ENGINE_ACTOR,
+    now: float | None = None,
+) -> versions.AuditEntry | None:
+    """Write ``decision`` through :mod:`bot.versions` (one transaction with its audit entry).
+
+    Returns the audit entry, or None when nothing is written (a hold, or the experiment
+    changed since the snapshot was taken). Raises :class:`bot.versions.VersionError` or a
+    database error when the write fails; the state is then unchanged."""
+    snap = experiment.snapshot
+
+    def unchanged(current: versions.Deployment) -> None:
+        cand = current.get(snap.candidate_id)
+        if (current.active is None or current.active.version_id != snap.active_id
+                or cand is None or cand.state != versions.CANDIDATE
+                or cand.since != experiment.candidate.since):
+            raise _StaleSnapshot
+
+    try:
+        if decision.restart:  # the restart re-reads the files itself; check first
+            unchanged(await versions.load(db))
+        return await _write_decision(db, experiment, decision, prompt_versions, actor=actor,
+                                     now=now, expect=unchanged)
+    except _StaleSnapshot:
+        log.warning("experiment %s vs %s changed since its snapshot: %s not applied",
+                    snap.candidate_id, snap.active_id, decision.action)
+        return None
+
+
+class _StaleSnapshot(versions.VersionError):
+    """The test changed (e.g. an admin's /promote) between the snapshot and the write."""
+
+
+async def _write_decision(
+    db: Database, experiment: Experiment, decision: Decision,
+    prompt_versions: Mapping[str, PromptVersion], *, actor: str, now: float | None,
+    expect: versions.Expectation,
+) -> versions.AuditEntry | None:
+    snap = experiment.snapshot
+    stats = audit_stats(decision, snap)
+    reason = f"{decision.action}: {decision.reason}"
+    b = snap.candidate_id
+    if decision.restart:
+        entries = await versions.restart_edited(db, prompt_versions, actor=actor, now=now)
+        return next((e for e in entries if e.version_id == b), None)
+    if decision.action == "promote":
+        return await versions.promote(db, b, prompt_versions, actor=actor, reason=reason,
+                                      stats=stats, now=now, expect=expect)
+    if decision.action in ("revert", "retire", "freeze"):
+        return await versions.retire(db, b, actor=actor, reason=reason, stats=stats, now=now,
+                                     expect=expect)
+    if decision.action == "ramp":
+        if decision.new_share is None:
+            raise ValueError("a ramp decision without a new share")
+        return await versions.set_canary(db, b, decision.new_share * 100.0, prompt_versions,
+                                         actor=actor, reason=reason, stats=stats, now=now,
+                                         expect=expect)
+    return None
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{100 * float(x):.1f}%"
+
+
+def arm_lines(snapshot: ExperimentSnapshot, decision: Decision) -> list[str]:
+    """Per arm: capped votes, accuracy with its 95% interval; then E⁺/E⁻ and their bars."""
+    s = decision.stats
+    if "votes_a" not in s:
+        return []
+    lines = []
+    for arm, vid in (("a", snapshot.active_id), ("b", snapshot.candidate_id)):
+        low, high = s[f"interval_{arm}"]
+        interval = "" if s[f"accuracy_{arm}"] is None else f" (95% CI {_pct(low)}–{_pct(high)})"
+        lines.append(f"{vid}: {s[f'votes_{arm}']} votes, {s[f'correct_{arm}']} correct, "
+                     f"accuracy {_pct(s[f'accuracy_{arm}'])}{interval}")
+    lines.append(f"evidence for the candidate E⁺ = {s['e_plus']:.3g} (promote at "
+                 f"{s['promote_threshold']:.0f}), against E⁻ = {s['e_minus']:.3g} (revert at "
+                 f"{s['revert_threshold']:.0f}); {s['elapsed_hours']} h of "
+                 f"{s['elapsed_hours'] + s['hours_left']:.0f}, share {_pct(s['planned_share'])}")
+    return lines
+
+
+def stats_lines(outcome: Outcome) -> list[str]:
+    """The ``/stats`` block of one running experiment: arms, evidence, the next step."""
+    snap, decision = outcome.snapshot, outcome.decision
+    head = f"🧪 {outcome.candidate_id} vs {outcome.active_id}"
+    if snap is not None:
+        head += (f" · share {_pct(snap.planned_share)} · "
+                 f"{max(0, snap.now_hour - snap.start_hour)} h")
+    body = arm_lines(snap, decision) if snap is not None else []
+    return [head, *body, f"next: {describe_next_step(decision)}"]
+
+
+def format_message(snapshot: ExperimentSnapshot, decision: Decision, *, applied: bool,
+                   dry_run: bool = False, error: str | None = None) -> str:
+    head = f"🤖 {snapshot.candidate_id} vs {snapshot.active_id}: {decision.action.upper()}"
+    if decision.restart:
+        head += " (test restarts)"
+    if error is not None:
+        head += f" — NOT applied: {error}"
+    elif dry_run and (decision.action != "hold" or decision.restart):
+        head += " (dry run: not applied)"
+    elif not applied and decision.action != "hold":
+        head += " — not applied: the experiment changed meanwhile"
+    done = [_effect(snapshot, decision)] if applied and error is None else []
+    return "\n".join([head, decision.reason, *done, *arm_lines(snapshot, decision)])
+
+
+def _effect(snapshot: ExperimentSnapshot, decision: Decision) -> str:
+    """What the applied decision changed, in the admin's terms."""
+    a, b = snapshot.active_id, snapshot.candidate_id
+    if decision.restart:
+        return f"→ the test of {b} starts again from zero with the new file"
+    if decision.action == "promote":
+        return f"→ {b} now serves everyone; {a} is retired (/rollback brings it back)"
+    if decision.action in ("revert", "retire"):
+        return f"→ {b} is no longer served; {a} keeps serving everyone"
+    if decision.action == "freeze":
+        return (f"→ {b} is taken off (share 0) until a person has checked routing; "
+                f"/canary {b} <percent> starts a fresh test")
+    if decision.action == "ramp" and decision.new_share is not None:
+        return f"→ {b} now serves {_pct(decision.new_share)} of users (its users so far stay)"
+    return "→ no change"
+
+
+async def analyze(
+    db: Database, prompt_versions: Mapping[str, PromptVersion], config: DecisionConfig, *,
+    now: float | None = None, apply: bool = True, actor: str = ENGINE_ACTOR,
+) -> list[Outcome]:
+    """Decide for every running candidate and (``apply``) write each decision.
+
+    Candidates are handled one at a time on a fresh read of the state, so a promotion is seen
+    by the next candidate (whose test then restarts against the new active version). A failed
+    write is reported in its outcome (``error``) and does not stop the others."""
+    at = time.time() if now is None else now
+    outcomes: list[Outcome] = []
+    done: set[str] = set()
+    while True:
+        deployment = await versions.load(db)
+        pending = [c for c in deployment.candidates if c.version_id not in done]
+        if deployment.active is None or not pending:
+            return outcomes
+        timeline = ShareTimeline.from_audit(await versions.audit_log(db, limit=1_000_000))
+        exp = await build_experiment(db, deployment, pending[0], prompt_versions, config, at,
+                                     timeline)
+        snap = exp.snapshot
+        done.add(snap.candidate_id)
+        if snap.candidate_id not in prompt_versions:
+            decision = Decision(
+                action="hold", rule="missing_file", stats={},
+                reason=f"{snap.candidate_id} has no prompt file here: it is not served and "
+                       "cannot be analysed")
+        else:
+            decision = decide(snap, config)
+        entry: versions.AuditEntry | None = None
+        error: str | None = None
+        if apply and (decision.action != "hold" or decision.restart):
+            try:
+                entry = await apply_decision(db, exp, decision, prompt_versions, actor=actor,
+                                             now=at)
+            except Exception as exc:
+                log.exception("could not apply %s for %s", decision.action, snap.candidate_id)
+                error = f"{type(exc).__name__}: {exc}"
+        outcomes.append(Outcome(
+            candidate_id=snap.candidate_id, active_id=snap.active_id, decision=decision,
+            applied=entry is not None, audit_id=entry.id if entry else None,
+            message=format_message(snap, decision, applied=entry is not None,
+                                   dry_run=not apply, error=error),
+            error=error, snapshot=snap,
+        ))

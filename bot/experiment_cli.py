@@ -1,0 +1,80 @@
+"""``loopbot analyze``: the scheduled experiment analysis, run once from the command line.
+
+It calls the same :func:`bot.experiment.analyze` as the bot's job, so on the same database
+and at the same hour it reaches the same decisions (and, without ``--dry-run``, applies them
+the same way, with the same audit entries). Prompt files are read from the configured
+directory: they are the versions the bot serves after its next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from bot.config import Settings
+    from bot.experiment import Outcome
+    from bot.prompts import PromptVersion
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "analyze", help="run the experiment analysis once (what the hourly job does)",
+        description="Decide for every candidate version (promote, revert, retire, ramp, "
+                    "freeze or hold) from the votes in the database, and apply the decisions "
+                    "through the audited version state, exactly like the bot's scheduled job.")
+    # SUPPRESS: do not overwrite the top-level `loopbot --config FILE` with None.
+    parser.add_argument("--config", default=argparse.SUPPRESS,
+                        help="YAML config file (default: $LOOPBOT_CONFIG)")
+    parser.add_argument("--db", help="SQLite database file (default: storage.db)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="decide and report, but change nothing")
+    parser.add_argument("--at", type=float, default=None, metavar="UNIX_TIME",
+                        help="analyse as of this time (default: now); e.g. to replay a past "
+                             "decision on a backup")
+    parser.set_defaults(func=run_analyze)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    import time
+
+    from bot.config import load_settings, prompts_directory, resolve_path
+    from bot.prompts import load_directory
+
+    settings = load_settings(getattr(args, "config", None), overrides={"storage.db": args.db})
+    db_path = resolve_path(settings, settings.storage.db)
+    if not db_path.is_file():
+        # Opening would create an empty database; there is nothing to analyse.
+        print(f"loopbot analyze: no database at {db_path}", file=sys.stderr)
+        return 1
+    prompt_versions = load_directory(prompts_directory(settings))
+    now = time.time() if args.at is None else float(args.at)
+    outcomes = asyncio.run(_analyze(str(db_path), prompt_versions, settings, now,
+                                    apply=not args.dry_run))
+    if args.json:
+        print(json.dumps({"now": now, "db": str(db_path), "dry_run": bool(args.dry_run),
+                          "outcomes": [o.to_json() for o in outcomes]},
+                         ensure_ascii=False, indent=2))
+    elif not outcomes:
+        print("no running experiment (no candidate version)")
+    else:
+        print("\n\n".join(o.message for o in outcomes))
+    return 1 if any(o.error for o in outcomes) else 0
+
+
+async def _analyze(db_path: str, prompt_versions: Mapping[str, PromptVersion],
+                   settings: Settings, now: float, *, apply: bool) -> list[Outcome]:
+    from bot.experiment import analyze
+    from bot.store.db import Database
+
+    db = await Database.open(db_path)
+    try:
+        return await analyze(db, prompt_versions, settings.experiment, now=now, apply=apply)
+    finally:
+        await db.close()

@@ -1,0 +1,1 @@
+"""Running loopbot unattended: health, metrics, backups, retention, logs, webhook."""

@@ -1,0 +1,232 @@
+"""Consistent copies of the live database, their rotation, and restoring one.
+
+SQLite's online backup API copies the pages inside one read transaction of a separate
+connection: in WAL mode the bot keeps writing meanwhile, and the copy is the database as of
+one commit (every vote committed before the backup started is in it; none is half in it).
+Copying the file with ``cp`` instead can tear a page or miss what still sits in the -wal file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bot.store.db import discover_migrations
+
+log = logging.getLogger(__name__)
+
+BACKUP_PREFIX = "loopbot-"
+BACKUP_SUFFIX = ".db"
+# Timestamped names sort chronologically, so rotation needs no file dates (which a copy resets).
+_NAME_RE = re.compile(rf"^{BACKUP_PREFIX}(\d{{8}}T\d{{6}}Z)(?:-[a-z0-9-]+)?{BACKUP_SUFFIX}$")
+
+
+class BackupError(RuntimeError):
+    """A backup or restore could not be made; the message says what to check."""
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    path: Path
+    size_bytes: int
+    seconds: float
+    schema_version: int
+
+
+def backup_name(now: datetime | None = None, tag: str = "") -> str:
+    """``loopbot-20260123T030000Z.db`` (``tag`` adds e.g. ``-pre-migration-v3``)."""
+    at = (now or datetime.now(UTC)).astimezone(UTC)
+    return f"{BACKUP_PREFIX}{at:%Y%m%dT%H%M%SZ}{'-' + tag if tag else ''}{BACKUP_SUFFIX}"
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    try:
+        row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    except sqlite3.OperationalError:
+        return 0  # a database created before any migration ran
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    # mode=ro: a backup must never create a missing database or run anything that writes.
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def _backup_sync(src_path: str | Path, out_path: str | Path) -> BackupResult:
+    started = time.perf_counter()
+    src, out = Path(src_path).expanduser(), Path(out_path).expanduser()
+    if not src.is_file():
+        raise BackupError(f"database {src} does not exist")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written next to the target and renamed: a crash mid-backup never leaves a file that
+    # looks like a finished backup (rotation would otherwise delete a good one for it).
+    partial = out.with_name(f".{out.name}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        source = _open_readonly(src)
+        try:
+            target = sqlite3.connect(partial)
+            try:
+                # pages=-1: everything in one step, i.e. one read transaction = one snapshot.
+                # Stepping would restart whenever the bot commits in between.
+                source.backup(target, pages=-1)
+                # The copy is a self-contained file: no -wal companion to forget when moving it.
+                target.execute("PRAGMA journal_mode=DELETE")
+                check = target.execute("PRAGMA quick_check").fetchone()
+                if not check or check[0] != "ok":
+                    raise BackupError(f"the copy of {src} failed its integrity check: {check}")
+                version = _schema_version(target)
+            finally:
+                target.close()
+        finally:
+            source.close()
+        with open(partial, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(partial, out)
+    except sqlite3.Error as exc:
+        raise BackupError(f"backup of {src} failed: {exc}") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return BackupResult(out, out.stat().st_size, time.perf_counter() - started, version)
+
+
+async def backup_database(src_db_path: str | Path, out_path: str | Path) -> BackupResult:
+    """Copy the database at ``src_db_path`` to ``out_path`` while the bot may be writing to it.
+
+    Runs in a worker thread on its own read-only connection, so the bot's event loop and its
+    connection are not held up (WAL lets the bot commit while the copy is read)."""
+    result = await asyncio.to_thread(_backup_sync, src_db_path, out_path)
+    log.info("backup written to %s (%d bytes, schema %d, %.2fs)", result.path,
+             result.size_bytes, result.schema_version, result.seconds)
+    return result
+
+
+def list_backups(directory: str | Path) -> list[Path]:
+    """loopbot's backups in ``directory``, oldest first."""
+    folder = Path(directory).expanduser()
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_file() and _NAME_RE.match(p.name)]
+    return sorted(found, key=lambda p: (_NAME_RE.match(p.name)[1], p.name))  # type: ignore[index]
+
+
+def rotate_backups(directory: str | Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest backups (``keep`` <= 0 keeps them all); returns the
+    deleted files. Only files named like loopbot's backups are ever touched."""
+    if keep <= 0:
+        return []
+    backups = list_backups(directory)
+    doomed = backups[:-keep] if len(backups) > keep else []
+    for path in doomed:
+        path.unlink(missing_ok=True)
+        log.info("old backup %s deleted (keeping %d)", path.name, keep)
+    return doomed
+
+
+def _free_name(directory: str | Path, name: str) -> Path:
+    """``name`` in ``directory``, numbered when two backups fall in the same second (a
+    backup is never overwritten by the next one)."""
+    folder = Path(directory).expanduser()
+    stem = name.removesuffix(BACKUP_SUFFIX)
+    candidate, n = folder / name, 1
+    while candidate.exists():
+        n += 1
+        candidate = folder / f"{stem}-{n}{BACKUP_SUFFIX}"
+    return candidate
+
+
+async def backup_and_rotate(src_db_path: str | Path, directory: str | Path, keep: int,
+                            *, tag: str = "") -> BackupResult:
+    """The nightly job: a new timestamped backup in ``directory``, then rotation."""
+    out = await asyncio.to_thread(_free_name, directory, backup_name(tag=tag))
+    result = await backup_database(src_db_path, out)
+    await asyncio.to_thread(rotate_backups, directory, keep)
+    return result
+
+
+def _pending_migrations_sync(path: str | Path) -> tuple[int, int] | None:
+    db_path = Path(path).expanduser()
+    if not db_path.is_file():
+        return None
+    latest = max((m.version for m in discover_migrations()), default=0)
+    conn = _open_readonly(db_path)
+    try:
+        current = _schema_version(conn)
+    finally:
+        conn.close()
+    return (current, latest) if current < latest else None
+
+
+async def backup_before_migrating(db_path: str | Path, backup_dir: str | Path
+                                  ) -> BackupResult | None:
+    """Call before opening the database at start-up: if this release's migrations would
+    change an existing database, first copy it to ``backup_dir`` as
+    ``loopbot-<time>-pre-migration-v<old>.db`` (rotation counts it like a nightly one, so
+    it stays for the next ``backup_keep`` nights). Returns the backup, or None when there is
+    nothing to migrate (or no database yet)."""
+    pending = await asyncio.to_thread(_pending_migrations_sync, db_path)
+    if pending is None:
+        return None
+    current, latest = pending
+    log.info("database %s is at schema %d, this release needs %d: backing it up first",
+             db_path, current, latest)
+    return await backup_database(
+        db_path, os.path.join(backup_dir, backup_name(tag=f"pre-migration-v{current}")))
+
+
+def restore_database(backup_path: str | Path, db_path: str | Path) -> Path | None:
+    """Put a backup in place of the database. The bot must be stopped.
+
+    The backup is checked first; the current database (if any) is kept beside it as
+    ``<db>.before-restore-<time>``; its stale -wal/-shm files are removed (SQLite would
+    otherwise replay the old database's log onto the restored file). Returns where the
+    previous database was moved, if there was one."""
+    backup, db = Path(backup_path).expanduser(), Path(db_path).expanduser()
+    if not backup.is_file():
+        raise BackupError(f"backup {backup} does not exist")
+    try:
+        conn = _open_readonly(backup)
+        try:
+            check = conn.execute("PRAGMA quick_check").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise BackupError(f"{backup} is not a readable SQLite database: {exc}") from exc
+    if not check or check[0] != "ok":
+        raise BackupError(f"{backup} failed its integrity check: {check}")
+    db.parent.mkdir(parents=True, exist_ok=True)
+    moved: Path | None = None
+    if db.exists():
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        moved = db.with_name(f"{db.name}.before-restore-{stamp}")
+        os.replace(db, moved)
+    for suffix in ("-wal", "-shm", "-journal"):
+        companion = db.with_name(db.name + suffix)
+        if companion.exists():
+            if moved is not None:
+                # Kept with the old file: together they are the old database, complete.
+                os.replace(companion, moved.with_name(moved.name + suffix))
+            else:
+                companion.unlink()
+    partial = db.with_name(f".{db.name}.restoring")
+    shutil.copyfile(backup, partial)
+    with open(partial, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(partial, db)
+    if moved is not None:
+        # The restored file gets the old one's permissions (the bot's user must write it).
+        with contextlib.suppress(OSError):
+            shutil.copymode(moved, db)
+    log.info("restored %s from %s", db, backup)
+    return moved

@@ -1,0 +1,80 @@
+"""``loopbot backup`` (safe while the bot runs) and ``loopbot restore`` (bot stopped)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bot.config import Settings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    backup = subparsers.add_parser(
+        "backup", help="copy the database consistently (safe while the bot runs)",
+        description="Take a consistent copy of the live database with SQLite's online backup. "
+                    "Without --out the copy goes to storage.backup_dir as "
+                    "loopbot-<UTC time>.db and only the newest storage.backup_keep are kept.")
+    _common(backup)
+    backup.add_argument("--out", help="write the copy to this file (no rotation)")
+    backup.set_defaults(func=run_backup)
+
+    restore = subparsers.add_parser(
+        "restore", help="put a backup in place of the database (stop the bot first)",
+        description="Replace the database with a backup. Stop the bot first. The current "
+                    "database is kept beside it as <db>.before-restore-<time>.")
+    _common(restore)
+    restore.add_argument("backup", help="backup file made by `loopbot backup`")
+    restore.set_defaults(func=run_restore)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: do not overwrite the top-level `loopbot --config FILE` with None.
+    parser.add_argument("--config", default=argparse.SUPPRESS,
+                        help="YAML config file (default: $LOOPBOT_CONFIG)")
+    parser.add_argument("--db", help="SQLite database file (default: storage.db)")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    from bot.config import load_settings
+
+    return load_settings(getattr(args, "config", None), overrides={"storage.db": args.db})
+
+
+def run_backup(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from bot.config import resolve_path
+    from bot.ops.backup import BackupError, backup_and_rotate, backup_database
+
+    settings = _settings(args)
+    db = resolve_path(settings, settings.storage.db)
+    try:
+        if args.out:
+            result = asyncio.run(backup_database(db, args.out))
+        else:
+            directory = resolve_path(settings, settings.storage.backup_dir)
+            result = asyncio.run(backup_and_rotate(db, directory, settings.storage.backup_keep))
+    except BackupError as exc:
+        print(f"loopbot backup: {exc}", file=sys.stderr)
+        return 1
+    print(f"{result.path} ({result.size_bytes} bytes, schema {result.schema_version}, "
+          f"{result.seconds:.2f}s)")
+    return 0
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    from bot.config import resolve_path
+    from bot.ops.backup import BackupError, restore_database
+
+    settings = _settings(args)
+    db = resolve_path(settings, settings.storage.db)
+    try:
+        moved = restore_database(args.backup, db)
+    except (BackupError, OSError) as exc:
+        print(f"loopbot restore: {exc}", file=sys.stderr)
+        return 1
+    print(f"restored {db} from {args.backup}" + (f"; the previous one is {moved}" if moved
+                                                  else ""))
+    return 0

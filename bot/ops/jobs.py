@@ -1,0 +1,76 @@
+"""The nightly backup and the retention sweep, scheduled on python-telegram-bot's JobQueue."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sqlite3
+from typing import TYPE_CHECKING, Any
+
+from bot.config import ConfigError, Settings, resolve_path
+from bot.ops.backup import BackupError, backup_and_rotate
+from bot.ops.retention import erase_old_texts
+
+if TYPE_CHECKING:
+    from telegram.ext import Application, CallbackContext
+
+    AnyApp = Application[Any, Any, Any, Any, Any, Any]
+    AnyContext = CallbackContext[Any, Any, Any, Any]
+
+log = logging.getLogger(__name__)
+
+# Hourly: a text is gone at most an hour after its deadline, and each sweep touches only the
+# rows that crossed it since the last one (interactions_time index).
+RETENTION_INTERVAL_S = 3600.0
+# The first sweep after start-up, once the bot is answering messages.
+RETENTION_FIRST_S = 60.0
+BACKUP_JOB = "loopbot-nightly-backup"
+RETENTION_JOB = "loopbot-retention"
+
+
+def schedule_ops_jobs(application: AnyApp, settings: Settings) -> None:
+    """Schedule the nightly backup (``storage.backup_hour_utc``, -1 = off) and the retention
+    sweep (``storage.retention_days``, 0 = off). Call once, when the bot starts."""
+    storage = settings.storage
+    if not -1 <= storage.backup_hour_utc <= 23:
+        raise ConfigError("storage.backup_hour_utc: an hour 0-23 (UTC), or -1 for no backups")
+    if storage.retention_days < 0:
+        raise ConfigError("storage.retention_days: 0 (keep forever) or more days")
+    queue = application.job_queue
+    if queue is None:
+        raise RuntimeError("python-telegram-bot was installed without the job-queue extra")
+    if storage.backup_hour_utc >= 0:
+        queue.run_daily(_nightly_backup, time=dt.time(storage.backup_hour_utc, tzinfo=dt.UTC),
+                        name=BACKUP_JOB, data=settings)
+        log.info("nightly backup at %02d:00 UTC into %s (keeping %d)", storage.backup_hour_utc,
+                 resolve_path(settings, storage.backup_dir), storage.backup_keep)
+    if storage.retention_days > 0:
+        queue.run_repeating(_retention_sweep, interval=RETENTION_INTERVAL_S,
+                            first=RETENTION_FIRST_S, name=RETENTION_JOB, data=settings)
+
+
+async def _nightly_backup(context: AnyContext) -> None:
+    settings = context.job.data if context.job else None
+    assert isinstance(settings, Settings)
+    storage = settings.storage
+    try:
+        await backup_and_rotate(resolve_path(settings, storage.db),
+                                resolve_path(settings, storage.backup_dir), storage.backup_keep)
+    except (BackupError, OSError) as exc:
+        # Logged as an error, and /healthz stays green: the bot still answers users.
+        log.error("nightly backup failed: %s", exc)
+
+
+async def _retention_sweep(context: AnyContext) -> None:
+    from bot.telegram.state import KEY, BotState
+
+    settings = context.job.data if context.job else None
+    assert isinstance(settings, Settings)
+    state = context.application.bot_data.get(KEY)
+    service = state.service if isinstance(state, BotState) else None
+    if service is None:
+        return  # still starting or already stopping: the next sweep does it
+    try:
+        await erase_old_texts(service.store.db, settings.storage.retention_days)
+    except sqlite3.Error as exc:
+        log.error("retention sweep failed (retried in %.0fs): %s", RETENTION_INTERVAL_S, exc)

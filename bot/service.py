@@ -1,0 +1,393 @@
+"""The message pipeline, independent of any transport: the Telegram bot and the console use it.
+
+route the user to a prompt version -> verdict from the model -> interaction stored -> reply;
+votes and reactions come back through :meth:`Service.record_vote` / :meth:`record_reaction`.
+No Telegram types in here: callers pass plain ids and texts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from analytics.stats import AccuracySummary, accuracy_summary
+from bot import routing, versions
+from bot.config import Settings
+from bot.llm.types import ChatTurn, InferenceError, Reply, Verdict
+from bot.ops import metrics
+from bot.prompts import PromptVersion
+from bot.store.queries import (
+    AccuracyPoint,
+    ForgetResult,
+    Interaction,
+    NewInteraction,
+    Reaction,
+    Store,
+    Vote,
+)
+
+log = logging.getLogger(__name__)
+
+
+class InferenceRuntime(Protocol):
+    """What the pipeline needs from :class:`bot.llm.runtime.ModelRuntime`."""
+
+    async def classify(self, version: PromptVersion, text: str, *,
+                       timeout: float | None = None) -> Verdict: ...
+
+    async def reply(self, version: PromptVersion, history: Sequence[ChatTurn], text: str, *,
+                    timeout: float | None = None,
+                    on_text: Callable[[str], None] | None = None) -> Reply: ...
+
+
+class UserRateLimiter:
+    """At most ``limit`` messages per user in any ``window_s`` seconds (sliding window)."""
+
+    def __init__(self, limit: int, window_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._clock = clock
+        self._seen: dict[int, deque[float]] = {}
+
+    def allow(self, user_id: int) -> bool:
+        if self.limit <= 0:
+            return True
+        now = self._clock()
+        times = self._seen.setdefault(user_id, deque())
+        while times and now - times[0] >= self.window_s:
+            times.popleft()
+        if len(times) >= self.limit:
+            return False
+        times.append(now)
+        if len(self._seen) > 10_000:
+            # Forget idle users so the map cannot grow without end.
+            self._seen = {u: t for u, t in self._seen.items() if t and now - t[-1] < self.window_s}
+        return True
+
+
+@dataclass(frozen=True)
+class IncomingText:
+    chat_id: int
+    user_id: int
+    message_id: int
+    text: str
+    chat_type: str = "private"
+    update_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Classified:
+    interaction: Interaction
+    version: PromptVersion
+    verdict: Verdict | None
+    # The same chat message was handled before (a redelivered update): send nothing again.
+    duplicate: bool
+    # The text was longer than telegram.max_message_chars and was cut.
+    truncated: bool = False
+
+
+# How long a verdict may be clicked before its message id is noted (the send in between).
+PENDING_VERDICT_S = 120.0
+CORRECT = "correct"
+WRONG = "wrong"
+
+
+@dataclass(frozen=True)
+class VoteOutcome:
+    """``ok`` False: the callback named no verdict this user may vote on (forged or stale)."""
+
+    ok: bool
+    interaction: Interaction | None = None
+    vote: Vote | None = None
+    # A "wrong" vote with more than two labels: offer the other labels.
+    ask_label: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class VersionReport:
+    version_id: str
+    state: str  # active | candidate | retired | unserved
+    share: float
+    verdicts: int
+    accuracy: AccuracySummary
+    reactions_positive: int
+    reactions_negative: int
+    mean_latency_ms: float | None
+
+
+EXPORT_COLUMNS = (
+    "interaction_id", "interaction_at", "vote_at", "chat_id", "author_id", "voter_id",
+    "version_id", "arm", "label", "confidence", "correct", "correct_label", "text",
+)
+
+
+def reaction_polarity(emojis: Sequence[str], positive: Sequence[str],
+                      negative: Sequence[str]) -> int:
+    """-1 if any emoji counts as bad, +1 if any counts as good, else 0 (a bad one wins:
+    a complaint is the rarer, more informative signal)."""
+    def norm(e: str) -> str:
+        return e.replace("\ufe0f", "")
+    pos = {norm(e) for e in positive}
+    neg = {norm(e) for e in negative}
+    found = {norm(e) for e in emojis}
+    if found & neg:
+        return -1
+    if found & pos:
+        return 1
+    return 0
+
+
+class Service:
+    def __init__(self, settings: Settings, store: Store, runtime: InferenceRuntime,
+                 prompt_versions: Mapping[str, PromptVersion]) -> None:
+        self.settings = settings
+        self.store = store
+        self.runtime = runtime
+        self.versions = dict(prompt_versions)
+        tg = settings.telegram
+        self.rate_limiter = UserRateLimiter(tg.user_rate_limit, tg.user_rate_window_s)
+
+    async def start(self) -> str:
+        """Make sure a version is active and tests of edited prompt files restart; returns
+        the active version's id."""
+        active = await versions.ensure_active(
+            self.store.db, self.versions, self.settings.prompts.default_version)
+        if active not in self.versions:
+            raise versions.VersionError(
+                f"the database's active version '{active}' has no file in "
+                f"{self.settings.prompts.directory}/: restore it or /promote another version")
+        for entry in await versions.restart_edited(self.store.db, self.versions):
+            log.warning("test of %s restarted: %s", entry.version_id, entry.reason)
+        return active
+
+    # --- the message pipeline -----------------------------------------------------------
+
+    def allow(self, user_id: int) -> bool:
+        return self.rate_limiter.allow(user_id)
+
+    async def route(self, user_id: int) -> tuple[PromptVersion, routing.Assignment]:
+        state = await versions.load(self.store.db)
+        if state.active is None:
+            raise versions.VersionError("no active version: the service was not started")
+        # A candidate whose file disappeared cannot be served; its users get the active one.
+        slices = [s for s in state.slices() if s.version_id in self.versions]
+        assignment = routing.assign(user_id, self.settings.prompts.routing_salt,
+                                    state.active.version_id, slices)
+        return self.versions[assignment.version_id], assignment
+
+    def version_of(self, interaction: Interaction) -> PromptVersion:
+        version = self.versions.get(interaction.version_id)
+        if version is None:
+            raise InferenceError(f"prompt version {interaction.version_id} is gone")
+        return version
+
+    async def classify(self, msg: IncomingText, *, with_verdict: bool = True) -> Classified:
+        """Verdict for a new message, stored before it is shown. A message seen before is
+        returned as stored (``duplicate``) without running the model again."""
+        existing = await self.store.find_interaction(msg.chat_id, msg.message_id)
+        if existing is not None:
+            return Classified(existing, self.version_of(existing), None, duplicate=True)
+        limit = self.settings.telegram.max_message_chars
+        text = msg.text[:limit] if limit > 0 else msg.text
+        version, assignment = await self.route(msg.user_id)
+        metrics.count_message()
+        verdict = await self.runtime.classify(version, text) if with_verdict else None
+        if verdict is not None:
+            metrics.observe_verdict(verdict.latency_ms / 1000.0)
+        interaction, created = await self.store.insert_interaction(NewInteraction(
+            chat_id=msg.chat_id, user_id=msg.user_id, message_id=msg.message_id, text=text,
+            version_id=version.id, arm=assignment.arm, bucket=assignment.bucket,
+            chat_type=msg.chat_type, update_id=msg.update_id,
+            content_hash=version.content_hash,
+            label=verdict.label if verdict else None,
+            probabilities=dict(verdict.probabilities) if verdict else None,
+            verdict_latency_ms=verdict.latency_ms if verdict else None,
+        ))
+        return Classified(interaction, version, verdict, duplicate=not created,
+                          truncated=len(text) < len(msg.text))
+
+    async def note_messages(self, interaction_id: int, chat_id: int, kind: str,
+                            message_ids: Sequence[int]) -> None:
+        """The bot's own messages for an interaction (``verdict`` or ``reply``)."""
+        await self.store.add_bot_messages(interaction_id, chat_id, kind, message_ids)
+
+    async def reply(self, interaction: Interaction, *,
+                    on_text: Callable[[str], None] | None = None) -> Reply:
+        """The chat reply, with the chat's last few turns as context; stored with the
+        interaction."""
+        version = self.version_of(interaction)
+        turns = await self.store.recent_turns(interaction.chat_id, interaction.id,
+                                              version.generation.history_turns)
+        history: list[ChatTurn] = []
+        for user_text, bot_text in turns:
+            history += [ChatTurn("user", user_text), ChatTurn("assistant", bot_text)]
+        reply = await self.runtime.reply(version, history, interaction.text or "",
+                                         on_text=on_text)
+        metrics.observe_reply(reply.latency_ms / 1000.0)
+        await self.store.set_reply(interaction.id, reply.text, reply.latency_ms)
+        return reply
+
+    # --- feedback -----------------------------------------------------------------------
+
+    async def record_vote(self, interaction_id: int, user_id: int, choice: str | int, *,
+                          chat_id: int, message_id: int) -> VoteOutcome:
+        """Store a vote (``"correct"``, ``"wrong"`` or the index of the right label). It is
+        committed when this returns, so the caller may acknowledge the click afterwards.
+
+        The interaction must exist, carry a verdict, and have been shown in this very chat
+        message: callback data is never trusted on its own."""
+        interaction = await self.store.get_interaction(interaction_id)
+        if interaction is None:
+            return VoteOutcome(False, reason="unknown interaction")
+        if interaction.chat_id != chat_id or interaction.label is None:
+            return VoteOutcome(False, reason="not a verdict of this chat")
+        # The id is NULL only in the instant between sending the verdict and noting its id.
+        if interaction.verdict_message_id not in (None, message_id):
+            return VoteOutcome(False, reason="verdict shown in another message")
+        if interaction.verdict_message_id is None and (
+                time.time() - interaction.created_at > PENDING_VERDICT_S):
+            # Its message id was never noted (sending failed): nothing can be checked.
+            return VoteOutcome(False, reason="verdict message unknown")
+        labels = interaction.labels
+        ask_label = False
+        if choice == CORRECT:
+            correct, correct_label = True, None
+        elif choice == WRONG:
+            correct, correct_label = False, None
+            ask_label = len(labels) > 2
+            if len(labels) == 2:
+                # With two labels "wrong" names the right one.
+                correct_label = next(lb for lb in labels if lb != interaction.label)
+        elif isinstance(choice, int) and 0 <= choice < len(labels):
+            correct_label = labels[choice]
+            correct = correct_label == interaction.label
+            correct_label = None if correct else correct_label
+        else:
+            return VoteOutcome(False, interaction, reason=f"invalid choice {choice!r}")
+        vote = await self.store.upsert_vote(interaction.id, user_id, correct=correct,
+                                            correct_label=correct_label)
+        if vote.created_at == vote.updated_at:  # a first vote, not a changed one
+            metrics.count_vote(interaction.version_id, correct)
+        return VoteOutcome(True, interaction, vote, ask_label=ask_label)
+
+    async def record_reaction(self, chat_id: int, message_id: int, user_id: int,
+                              emojis: Sequence[str]) -> Reaction | None:
+        """A user's current reactions on a bot message; ``None`` when the message is not one
+        of ours or the reactions were removed."""
+        found = await self.store.find_bot_message(chat_id, message_id)
+        if found is None:
+            return None
+        interaction_id, kind = found
+        tg = self.settings.telegram
+        polarity = reaction_polarity(emojis, tg.positive_reactions, tg.negative_reactions)
+        return await self.store.set_reaction(interaction_id, chat_id, message_id, user_id, kind,
+                                             emojis, polarity)
+
+    # --- reports ------------------------------------------------------------------------
+
+    async def stats(self) -> list[VersionReport]:
+        """Per version, active first, then candidates, then the rest."""
+        counts = {c.version_id: c for c in await self.store.version_counts()}
+        state = await versions.load(self.store.db)
+        order: list[tuple[str, str, float]] = []
+        if state.active is not None:
+            order.append((state.active.version_id, versions.ACTIVE, 0.0))
+        order += [(c.version_id, versions.CANDIDATE, c.share) for c in state.candidates]
+        order += [(r.version_id, versions.RETIRED, 0.0) for r in state.retired]
+        seen = {vid for vid, _, _ in order}
+        order += [(vid, "unserved", 0.0) for vid in counts if vid not in seen]
+        reports = []
+        for vid, status, share in order:
+            c = counts.get(vid)
+            if c is None and status == versions.RETIRED:
+                continue
+            reports.append(VersionReport(
+                version_id=vid, state=status, share=share, verdicts=c.verdicts if c else 0,
+                accuracy=accuracy_summary(c.votes if c else 0, c.correct if c else 0),
+                reactions_positive=c.reactions_positive if c else 0,
+                reactions_negative=c.reactions_negative if c else 0,
+                mean_latency_ms=c.mean_latency_ms if c else None,
+            ))
+        return reports
+
+    async def accuracy_series(self, period_s: float = 3600.0) -> list[AccuracyPoint]:
+        return await self.store.accuracy_series(period_s)
+
+    async def export_votes_csv(self) -> tuple[bytes, int]:
+        """Every vote with its verdict as CSV, and the number of votes."""
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(EXPORT_COLUMNS)
+        rows = await self.store.export_votes()
+        for v in rows:
+            writer.writerow([
+                v.interaction_id, _iso(v.interaction_at), _iso(v.vote_at), v.chat_id, v.user_id,
+                v.voter_id, v.version_id, v.arm, v.label or "",
+                "" if v.confidence is None else f"{v.confidence:.4f}", int(v.correct),
+                v.correct_label or "", v.text or "",
+            ])
+        # A BOM so spreadsheet programs open the Chinese texts as UTF-8.
+        return ("\ufeff" + out.getvalue()).encode("utf-8"), len(rows)
+
+    async def forget_user(self, user_id: int) -> ForgetResult:
+        result = await self.store.forget_user(user_id)
+        log.info("user %s forgotten: %s", user_id, result)
+        return result
+
+    # --- version state (admin commands; bot.versions writes) ----------------------------
+
+    async def _audit_stats(self, *version_ids: str | None) -> dict[str, Any]:
+        wanted = {v for v in version_ids if v}
+        return {
+            r.version_id: {"verdicts": r.verdicts, "votes": r.accuracy.votes,
+                           "correct": r.accuracy.correct}
+            for r in await self.stats() if r.version_id in wanted
+        }
+
+    async def promote(self, version_id: str, *, actor: str, reason: str
+                      ) -> versions.AuditEntry:
+        state = await versions.load(self.store.db)
+        stats = await self._audit_stats(version_id,
+                                        state.active.version_id if state.active else None)
+        entry = await versions.promote(self.store.db, version_id, self.versions, actor=actor,
+                                       reason=reason, stats=stats)
+        metrics.count_decision(entry.action)
+        return entry
+
+    async def rollback(self, *, actor: str, reason: str) -> versions.AuditEntry:
+        state = await versions.load(self.store.db)
+        active = state.active
+        stats = await self._audit_stats(active.version_id if active else None,
+                                        active.replaced if active else None)
+        entry = await versions.rollback(self.store.db, self.versions, actor=actor,
+                                        reason=reason, stats=stats)
+        metrics.count_decision(entry.action)
+        return entry
+
+    async def set_canary(self, version_id: str, percent: float, *, actor: str, reason: str
+                         ) -> versions.AuditEntry:
+        stats = await self._audit_stats(version_id)
+        entry = await versions.set_canary(self.store.db, version_id, percent, self.versions,
+                                          actor=actor, reason=reason, stats=stats)
+        metrics.count_decision(entry.action)
+        return entry
+
+    async def retire(self, version_id: str, *, actor: str, reason: str) -> versions.AuditEntry:
+        stats = await self._audit_stats(version_id)
+        entry = await versions.retire(self.store.db, version_id, actor=actor, reason=reason,
+                                      stats=stats)
+        metrics.count_decision(entry.action)
+        return entry
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")

@@ -1,0 +1,405 @@
+"""The typed async API over the database: interactions, votes, reactions, aggregates.
+
+Version state is not written here: :mod:`bot.versions` is its only writer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from bot.store.db import Database, fetchone
+
+
+@dataclass(frozen=True)
+class NewInteraction:
+    chat_id: int
+    user_id: int
+    message_id: int
+    text: str
+    version_id: str
+    arm: str
+    bucket: int
+    chat_type: str = "private"
+    update_id: int | None = None
+    content_hash: str = ""
+    # None when only a reply was asked for (no verdict computed).
+    label: str | None = None
+    probabilities: dict[str, float] | None = None
+    verdict_latency_ms: float | None = None
+    created_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Interaction:
+    id: int
+    created_at: float
+    update_id: int | None
+    chat_id: int
+    chat_type: str
+    user_id: int
+    message_id: int
+    text: str | None
+    version_id: str
+    content_hash: str
+    arm: str
+    bucket: int
+    label: str | None
+    probabilities: dict[str, float]
+    confidence: float | None
+    verdict_latency_ms: float | None
+    verdict_message_id: int | None
+    reply_text: str | None
+    reply_latency_ms: float | None
+
+    @property
+    def labels(self) -> list[str]:
+        """The version's labels in its order, as they were when the verdict was made."""
+        return list(self.probabilities)
+
+
+@dataclass(frozen=True)
+class Vote:
+    interaction_id: int
+    user_id: int
+    correct: bool
+    correct_label: str | None
+    created_at: float
+    updated_at: float
+    changes: int
+
+
+@dataclass(frozen=True)
+class Reaction:
+    interaction_id: int
+    chat_id: int
+    message_id: int
+    user_id: int
+    kind: str
+    emojis: tuple[str, ...]
+    polarity: int
+
+
+@dataclass(frozen=True)
+class VersionCounts:
+    version_id: str
+    verdicts: int
+    votes: int
+    correct: int
+    reactions_positive: int
+    reactions_negative: int
+    mean_latency_ms: float | None
+
+
+@dataclass(frozen=True)
+class AccuracyPoint:
+    """Votes on verdicts made in one period (by the verdict's time) for one version."""
+
+    version_id: str
+    period_start: float
+    votes: int
+    correct: int
+
+
+@dataclass(frozen=True)
+class ExportedVote:
+    interaction_id: int
+    interaction_at: float
+    vote_at: float
+    chat_id: int
+    user_id: int
+    voter_id: int
+    version_id: str
+    arm: str
+    label: str | None
+    confidence: float | None
+    correct: bool
+    correct_label: str | None
+    text: str | None
+
+
+@dataclass(frozen=True)
+class ForgetResult:
+    interactions: int
+    votes: int
+    reactions: int
+
+
+def _interaction(row: aiosqlite.Row) -> Interaction:
+    return Interaction(
+        id=int(row["id"]), created_at=float(row["created_at"]), update_id=row["update_id"],
+        chat_id=int(row["chat_id"]), chat_type=row["chat_type"], user_id=int(row["user_id"]),
+        message_id=int(row["message_id"]), text=row["text"], version_id=row["version_id"],
+        content_hash=row["content_hash"], arm=row["arm"], bucket=int(row["bucket"]),
+        label=row["label"], probabilities=json.loads(row["probabilities"]),
+        confidence=row["confidence"], verdict_latency_ms=row["verdict_latency_ms"],
+        verdict_message_id=row["verdict_message_id"], reply_text=row["reply_text"],
+        reply_latency_ms=row["reply_latency_ms"],
+    )
+
+
+def _vote(row: aiosqlite.Row) -> Vote:
+    return Vote(
+        interaction_id=int(row["interaction_id"]), user_id=int(row["user_id"]),
+        correct=bool(row["correct"]), correct_label=row["correct_label"],
+        created_at=float(row["created_at"]), updated_at=float(row["updated_at"]),
+        changes=int(row["changes"]),
+    )
+
+
+class Store:
+    """All reads and writes the bot makes, except version state (see :mod:`bot.versions`)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @classmethod
+    async def open(cls, path: str | Path) -> Store:
+        return cls(await Database.open(path))
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # --- interactions -------------------------------------------------------------------
+
+    async def insert_interaction(self, new: NewInteraction) -> tuple[Interaction, bool]:
+        """Store a message's verdict. Returns ``(interaction, created)``; ``created`` is False
+        when the same chat message was stored before (a redelivered update)."""
+        probs = dict(new.probabilities or {})
+        confidence = probs.get(new.label) if new.label is not None else None
+        at = time.time() if new.created_at is None else new.created_at
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO interactions (created_at, update_id, chat_id, chat_type, user_id,"
+                " message_id, text, version_id, content_hash, arm, bucket, label,"
+                " probabilities, confidence, verdict_latency_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (chat_id, message_id) DO NOTHING",
+                (at, new.update_id, new.chat_id, new.chat_type, new.user_id, new.message_id,
+                 new.text, new.version_id, new.content_hash, new.arm, new.bucket, new.label,
+                 json.dumps(probs, ensure_ascii=False), confidence, new.verdict_latency_ms),
+            )
+            created = cur.rowcount == 1
+            row = await fetchone(
+                conn, "SELECT * FROM interactions WHERE chat_id = ? AND message_id = ?",
+                (new.chat_id, new.message_id),
+            )
+        assert row is not None
+        return _interaction(row), created
+
+    async def get_interaction(self, interaction_id: int) -> Interaction | None:
+        row = await self.db.fetchone("SELECT * FROM interactions WHERE id = ?",
+                                     (interaction_id,))
+        return _interaction(row) if row else None
+
+    async def find_interaction(self, chat_id: int, message_id: int) -> Interaction | None:
+        row = await self.db.fetchone(
+            "SELECT * FROM interactions WHERE chat_id = ? AND message_id = ?",
+            (chat_id, message_id),
+        )
+        return _interaction(row) if row else None
+
+    async def add_bot_messages(self, interaction_id: int, chat_id: int, kind: str,
+                               message_ids: Sequence[int]) -> None:
+        """Remember which bot messages belong to an interaction (for votes and reactions)."""
+        async with self.db.transaction() as conn:
+            if kind == "verdict" and message_ids:
+                await conn.execute(
+                    "UPDATE interactions SET verdict_message_id = ? WHERE id = ?",
+                    (message_ids[0], interaction_id),
+                )
+            await conn.executemany(
+                "INSERT OR IGNORE INTO bot_messages (chat_id, message_id, interaction_id, kind)"
+                " VALUES (?, ?, ?, ?)",
+                [(chat_id, mid, interaction_id, kind) for mid in message_ids],
+            )
+
+    async def set_reply(self, interaction_id: int, text: str, latency_ms: float) -> None:
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "UPDATE interactions SET reply_text = ?, reply_latency_ms = ? WHERE id = ?",
+                (text, latency_ms, interaction_id),
+            )
+
+    async def find_bot_message(self, chat_id: int, message_id: int) -> tuple[int, str] | None:
+        row = await self.db.fetchone(
+            "SELECT interaction_id, kind FROM bot_messages WHERE chat_id = ? AND message_id = ?",
+            (chat_id, message_id),
+        )
+        return (int(row[0]), str(row[1])) if row else None
+
+    async def recent_turns(self, chat_id: int, before_id: int, limit: int
+                           ) -> list[tuple[str, str]]:
+        """The chat's last ``limit`` (user text, bot reply) pairs before an interaction, oldest
+        first; erased texts are skipped."""
+        if limit <= 0:
+            return []
+        rows = await self.db.fetchall(
+            "SELECT text, reply_text FROM interactions WHERE chat_id = ? AND id < ?"
+            " AND text IS NOT NULL AND reply_text IS NOT NULL ORDER BY id DESC LIMIT ?",
+            (chat_id, before_id, limit),
+        )
+        return [(str(r[0]), str(r[1])) for r in reversed(rows)]
+
+    # --- votes and reactions ------------------------------------------------------------
+
+    async def upsert_vote(self, interaction_id: int, user_id: int, *, correct: bool,
+                          correct_label: str | None, now: float | None = None) -> Vote:
+        """One vote per user and interaction; a second click changes it. Returns the stored
+        row after the transaction committed."""
+        at = time.time() if now is None else now
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO votes (interaction_id, user_id, correct, correct_label, created_at,"
+                " updated_at, first_correct) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (interaction_id, user_id) DO UPDATE SET"
+                " correct = excluded.correct, correct_label = excluded.correct_label,"
+                " updated_at = excluded.updated_at,"
+                " changes = changes + (correct IS NOT excluded.correct"
+                "   OR correct_label IS NOT excluded.correct_label)",
+                (interaction_id, user_id, int(correct), correct_label, at, at, int(correct)),
+            )
+            row = await fetchone(
+                conn, "SELECT * FROM votes WHERE interaction_id = ? AND user_id = ?",
+                (interaction_id, user_id),
+            )
+        assert row is not None
+        return _vote(row)
+
+    async def get_vote(self, interaction_id: int, user_id: int) -> Vote | None:
+        row = await self.db.fetchone(
+            "SELECT * FROM votes WHERE interaction_id = ? AND user_id = ?",
+            (interaction_id, user_id),
+        )
+        return _vote(row) if row else None
+
+    async def votes_for(self, interaction_id: int) -> list[Vote]:
+        rows = await self.db.fetchall(
+            "SELECT * FROM votes WHERE interaction_id = ? ORDER BY id", (interaction_id,))
+        return [_vote(r) for r in rows]
+
+    async def set_reaction(self, interaction_id: int, chat_id: int, message_id: int,
+                           user_id: int, kind: str, emojis: Sequence[str], polarity: int,
+                           now: float | None = None) -> Reaction | None:
+        """The user's current reactions on one bot message; an empty set removes the row."""
+        at = time.time() if now is None else now
+        async with self.db.transaction() as conn:
+            if not emojis:
+                await conn.execute(
+                    "DELETE FROM reactions WHERE chat_id = ? AND message_id = ? AND user_id = ?",
+                    (chat_id, message_id, user_id),
+                )
+                return None
+            await conn.execute(
+                "INSERT INTO reactions (interaction_id, chat_id, message_id, user_id, kind,"
+                " emojis, polarity, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (chat_id, message_id, user_id) DO UPDATE SET"
+                " emojis = excluded.emojis, polarity = excluded.polarity,"
+                " updated_at = excluded.updated_at",
+                (interaction_id, chat_id, message_id, user_id, kind,
+                 json.dumps(list(emojis), ensure_ascii=False), polarity, at),
+            )
+        return Reaction(interaction_id, chat_id, message_id, user_id, kind, tuple(emojis),
+                        polarity)
+
+    async def reactions_for(self, interaction_id: int) -> list[Reaction]:
+        rows = await self.db.fetchall(
+            "SELECT * FROM reactions WHERE interaction_id = ? ORDER BY id", (interaction_id,))
+        return [Reaction(int(r["interaction_id"]), int(r["chat_id"]), int(r["message_id"]),
+                         int(r["user_id"]), r["kind"], tuple(json.loads(r["emojis"])),
+                         int(r["polarity"])) for r in rows]
+
+    # --- aggregates ---------------------------------------------------------------------
+
+    async def version_counts(self) -> list[VersionCounts]:
+        """Per version: verdicts shown, votes on them, correct votes, reply reactions."""
+        rows = await self.db.fetchall(
+            "SELECT i.version_id AS version_id,"
+            " SUM(i.label IS NOT NULL) AS verdicts,"
+            " AVG(i.verdict_latency_ms) AS latency,"
+            " COALESCE(SUM(v.n), 0) AS votes, COALESCE(SUM(v.c), 0) AS correct,"
+            " COALESCE(SUM(r.pos), 0) AS pos, COALESCE(SUM(r.neg), 0) AS neg"
+            " FROM interactions i"
+            " LEFT JOIN (SELECT interaction_id, COUNT(*) AS n, SUM(correct) AS c FROM votes"
+            "            GROUP BY interaction_id) v ON v.interaction_id = i.id"
+            " LEFT JOIN (SELECT interaction_id, SUM(polarity > 0) AS pos,"
+            "            SUM(polarity < 0) AS neg FROM reactions WHERE kind = 'reply'"
+            "            GROUP BY interaction_id) r ON r.interaction_id = i.id"
+            " GROUP BY i.version_id ORDER BY MIN(i.created_at)"
+        )
+        return [VersionCounts(
+            version_id=r["version_id"], verdicts=int(r["verdicts"] or 0), votes=int(r["votes"]),
+            correct=int(r["correct"]), reactions_positive=int(r["pos"]),
+            reactions_negative=int(r["neg"]),
+            mean_latency_ms=float(r["latency"]) if r["latency"] is not None else None,
+        ) for r in rows]
+
+    async def accuracy_series(self, period_s: float = 3600.0, since: float = 0.0
+                              ) -> list[AccuracyPoint]:
+        """Votes per version and period of the verdict's time, oldest first."""
+        rows = await self.db.fetchall(
+            "SELECT i.version_id, CAST(i.created_at / ? AS INTEGER) AS period,"
+            " COUNT(*) AS n, SUM(v.correct) AS c"
+            " FROM votes v JOIN interactions i ON i.id = v.interaction_id"
+            " WHERE i.created_at >= ? GROUP BY i.version_id, period ORDER BY period",
+            (period_s, since),
+        )
+        return [AccuracyPoint(r[0], float(r[1]) * period_s, int(r[2]), int(r[3]))
+                for r in rows]
+
+    async def export_votes(self) -> list[ExportedVote]:
+        rows = await self.db.fetchall(
+            "SELECT v.*, i.created_at AS i_at, i.chat_id, i.user_id AS author, i.version_id,"
+            " i.arm, i.label, i.confidence, i.text"
+            " FROM votes v JOIN interactions i ON i.id = v.interaction_id ORDER BY v.id"
+        )
+        return [ExportedVote(
+            interaction_id=int(r["interaction_id"]), interaction_at=float(r["i_at"]),
+            vote_at=float(r["updated_at"]), chat_id=int(r["chat_id"]),
+            user_id=int(r["author"]), voter_id=int(r["user_id"]), version_id=r["version_id"],
+            arm=r["arm"], label=r["label"], confidence=r["confidence"],
+            correct=bool(r["correct"]), correct_label=r["correct_label"], text=r["text"],
+        ) for r in rows]
+
+    # --- privacy ------------------------------------------------------------------------
+
+    async def forget_user(self, user_id: int) -> ForgetResult:
+        """Delete the user's messages (with everything attached to them), votes and reactions."""
+        async with self.db.transaction() as conn:
+            own = await fetchone(
+                conn,
+                "SELECT (SELECT COUNT(*) FROM votes WHERE user_id = ?"
+                "        OR interaction_id IN (SELECT id FROM interactions WHERE user_id = ?)),"
+                " (SELECT COUNT(*) FROM reactions WHERE user_id = ?"
+                "        OR interaction_id IN (SELECT id FROM interactions WHERE user_id = ?))",
+                (user_id, user_id, user_id, user_id),
+            )
+            await conn.execute("DELETE FROM votes WHERE user_id = ?", (user_id,))
+            await conn.execute("DELETE FROM reactions WHERE user_id = ?", (user_id,))
+            # ON DELETE CASCADE removes other users' votes and reactions on these messages.
+            cur = await conn.execute("DELETE FROM interactions WHERE user_id = ?", (user_id,))
+            deleted = cur.rowcount
+            # Mining reports quote example texts; they are rebuilt from what remains.
+            await conn.execute("UPDATE candidate_proposals SET report = '{}'")
+        assert own is not None
+        return ForgetResult(interactions=deleted, votes=int(own[0]), reactions=int(own[1]))
+
+    async def erase_texts_before(self, cutoff: float, now: float | None = None) -> int:
+        """Retention: blank message and reply texts of interactions older than ``cutoff``;
+        verdicts, votes and reactions stay for the statistics."""
+        at = time.time() if now is None else now
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE interactions SET text = NULL, reply_text = NULL, text_erased_at = ?"
+                " WHERE created_at < ? AND (text IS NOT NULL OR reply_text IS NOT NULL)",
+                (at, cutoff),
+            )
+            # Mining reports quote example texts: the same retention applies to them.
+            await conn.execute("UPDATE candidate_proposals SET report = '{}'"
+                               " WHERE created_at < ?", (cutoff,))
+            return cur.rowcount

@@ -1,0 +1,1 @@
+"""One module per kind of update: messages, vote buttons, reactions, user and admin commands."""

@@ -1,0 +1,58 @@
+"""The ✅/❌ buttons (and the label picker). The vote is committed before the click is
+answered, so an acknowledged click is never lost, even if the process dies right after."""
+
+from __future__ import annotations
+
+import logging
+
+from telegram import Message, Update
+from telegram.error import BadRequest
+from telegram.ext import ContextTypes
+
+from bot.telegram import keyboards, texts
+from bot.telegram.state import state_of
+
+log = logging.getLogger(__name__)
+
+
+async def on_vote(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    query = update.callback_query
+    if query is None:
+        return
+    lang = texts.language_of(query.from_user.language_code)
+    parsed = keyboards.decode(query.data)
+    message = query.message
+    if parsed is None or not isinstance(message, Message):
+        log.warning("refused callback %r from user %s: malformed or message unavailable",
+                    query.data, query.from_user.id)
+        await query.answer(texts.t("vote_stale", lang))
+        return
+    service = state_of(context).require_service()
+    outcome = await service.record_vote(
+        parsed.interaction_id, query.from_user.id, parsed.choice,
+        chat_id=message.chat_id, message_id=message.message_id,
+    )
+    if not outcome.ok or outcome.vote is None or outcome.interaction is None:
+        log.warning("refused callback %r from user %s in chat %s: %s", query.data,
+                    query.from_user.id, message.chat_id, outcome.reason)
+        await query.answer(texts.t("vote_stale", lang))
+        return
+    vote, interaction = outcome.vote, outcome.interaction
+    if outcome.ask_label:
+        note = texts.t("vote_pick_label", lang)
+    elif vote.correct:
+        note = texts.t("vote_thanks_correct", lang)
+    elif vote.correct_label is not None and len(interaction.labels) > 2:
+        note = texts.t("vote_thanks_label", lang, label=vote.correct_label)
+    else:
+        note = texts.t("vote_thanks_wrong", lang)
+    await query.answer(note)
+    if len(interaction.labels) > 2 and not vote.correct:
+        markup = keyboards.label_keyboard(interaction, lang, vote)
+    else:
+        markup = keyboards.verdict_keyboard(interaction.id, lang, vote)
+    try:
+        await query.edit_message_reply_markup(markup)
+    except BadRequest as exc:
+        # "message is not modified" when the same button is clicked twice.
+        log.debug("keyboard not updated: %s", exc)

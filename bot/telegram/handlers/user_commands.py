@@ -1,0 +1,51 @@
+"""/start, /help, /privacy, /forget: for everybody."""
+
+from __future__ import annotations
+
+from telegram import Update
+from telegram.ext import ContextTypes
+
+from bot.telegram import texts
+from bot.telegram.state import state_of
+
+
+def _lang(update: Update) -> str:
+    user = update.effective_user
+    return texts.language_of(user.language_code if user else None)
+
+
+async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    if update.effective_message is not None:
+        await update.effective_message.reply_text(texts.t("start", _lang(update)),
+                                                  do_quote=False)
+
+
+async def help_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    message, user = update.effective_message, update.effective_user
+    if message is None:
+        return
+    lang = _lang(update)
+    text = texts.t("help", lang)
+    if user is not None and user.id in state_of(context).settings.telegram.admins:
+        text += "\n\n" + texts.t("help_admin", lang)
+    await message.reply_text(text, do_quote=False)
+
+
+async def privacy(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    if update.effective_message is None:
+        return
+    lang = _lang(update)
+    days = state_of(context).settings.storage.retention_days
+    await update.effective_message.reply_text(
+        texts.t("privacy", lang, retention=texts.retention_text(days, lang)), do_quote=False)
+
+
+async def forget(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    message, user = update.effective_message, update.effective_user
+    if message is None or user is None:
+        return
+    result = await state_of(context).require_service().forget_user(user.id)
+    await message.reply_text(
+        texts.t("forgotten", _lang(update), interactions=result.interactions,
+                votes=result.votes, reactions=result.reactions),
+        do_quote=False)

@@ -1,0 +1,67 @@
+"""Run the real loopbot Application (long polling, real SQLite, real model) in a thread,
+against the fake Bot API, and read its database the way an operator would."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bot.config import Settings, load_settings
+from bot.telegram.app import build_application, run_polling, state_of_app
+from tests.fakebotapi import FakeBotAPI
+
+ROOT = Path(__file__).resolve().parents[2]
+ADMIN_ID = 4242
+
+
+class BotHarness:
+    def __init__(self, api: FakeBotAPI, model: Path, db: Path,
+                 overrides: Mapping[str, Any] | None = None) -> None:
+        self.api = api
+        self.db_path = db
+        env = {"TELEGRAM_BOT_TOKEN": api.token, "LOOPBOT_ADMINS": str(ADMIN_ID)}
+        self.settings: Settings = load_settings(None, env=env, overrides={
+            "telegram.base_url": api.base_url,
+            "model.path": str(model),
+            "storage.db": str(db),
+            "prompts.directory": str(ROOT / "prompts"),
+            "telegram.poll_timeout_s": 1,
+            **(overrides or {}),
+        })
+        self.app = build_application(self.settings)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="loopbot-under-test",
+                                        daemon=True)
+
+    def _run(self) -> None:
+        try:
+            run_polling(self.app, handle_signals=False)
+        except BaseException as exc:  # surfaced by stop() in the test thread
+            self.error = exc
+
+    def start(self, timeout: float = 30.0) -> BotHarness:
+        self._thread.start()
+        state = state_of_app(self.app)
+        # Ready once the service is up and the first long poll arrived.
+        self.api.wait_for(lambda: self.error is not None or (
+            state.service is not None and self.api.calls_to("getUpdates")), timeout)
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        state = state_of_app(self.app)
+        if state.loop is not None and self._thread.is_alive():
+            state.loop.call_soon_threadsafe(self.app.stop_running)
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the bot did not shut down"
+        if self.error is not None:
+            raise self.error
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """A separate connection, as another process would see the committed data."""
+        with sqlite3.connect(self.db_path) as conn:
+            return conn.execute(sql, params).fetchall()

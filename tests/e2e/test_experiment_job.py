@@ -1,0 +1,109 @@
+"""The experiment job in the running bot: PTB's real JobQueue, a real database, the fake Bot API.
+
+One database file filled with 30 hours of votes for two arms is copied: the bot's scheduled job
+runs on one copy, ``loopbot analyze`` on the other, both pinned to the same clock (so an hour
+boundary between the two runs cannot change the elapsed hours), and they must write the same
+decision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from bot import experiment_cli, versions
+from bot.prompts import load_directory
+from bot.store.db import Database
+from bot.telegram import jobs
+from bot.telegram.app import state_of_app
+from tests.e2e.botharness import ADMIN_ID, ROOT, BotHarness
+from tests.fakebotapi import FakeBotAPI
+from tests.unit.test_experiment import B, fill, start_test
+
+HOURS = 30
+
+
+async def _prepare(path: Path, now: float) -> None:
+    catalog = load_directory(ROOT / "prompts")
+    start = (int(now // 3600) - HOURS) * 3600.0
+    db = await Database.open(path)
+    try:
+        await start_test(db, catalog, at=start)
+        await fill(db, hours=HOURS, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95,
+                   start=start)
+        # The first runs of the job fail between the state write and the audit write.
+        await db.fetchall("CREATE TRIGGER fail_audit BEFORE INSERT ON audit_log"
+                          " BEGIN SELECT RAISE(ABORT, 'injected crash'); END")
+    finally:
+        await db.close()
+
+
+def _audit(path: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT at, actor, action, version_id, from_state, to_state, share,"
+                            " previous_active, reason, stats FROM audit_log ORDER BY id"
+                            ).fetchall()
+
+
+def _admin_texts(api: FakeBotAPI) -> list[str]:
+    return [c.params["text"] for c in api.calls_to("sendMessage", chat_id=str(ADMIN_ID))]
+
+
+def test_scheduled_job_decides_messages_admins_and_matches_loopbot_analyze(
+        fake_api: FakeBotAPI, tiny_gguf: Path, tmp_path: Path) -> None:
+    now = time.time()
+    job_db, cli_db = tmp_path / "job.db", tmp_path / "cli.db"
+    asyncio.run(_prepare(job_db, now))
+    shutil.copyfile(job_db, cli_db)
+    with sqlite3.connect(cli_db) as conn:
+        conn.execute("DROP TRIGGER fail_audit")
+    before = len(_audit(job_db))
+
+    harness = BotHarness(fake_api, tiny_gguf, job_db,
+                         overrides={"experiment.interval_minutes": 0.01})  # every 0.6 s
+    state_of_app(harness.app).post_init_hooks = [
+        functools.partial(jobs.schedule_experiment_job, first=0.2, clock=lambda: now)]
+    harness.start()
+    try:
+        # A failed write is reported and the job keeps running.
+        fake_api.wait_for(lambda: any("NOT applied" in t for t in _admin_texts(fake_api)))
+        assert len(_audit(job_db)) == before
+        assert harness.query("SELECT id FROM prompt_versions WHERE state = 'active'") == [
+            ("v1-zh",)]
+        # /stats shows the running test: arms, evidence and the engine's next step.
+        fake_api.send_text(fake_api.user(ADMIN_ID, "en"), "/stats")
+        stats = fake_api.wait_for(lambda: [t for t in _admin_texts(fake_api)
+                                           if t.startswith("📊 /stats")])[0]
+        assert f"🧪 {B} vs v1-zh" in stats and "E⁺ = " in stats
+        assert "next: promote: candidate better" in stats
+        fake_api.wait_calls("sendPhoto", chat_id=str(ADMIN_ID))
+
+        with sqlite3.connect(job_db) as conn:
+            conn.execute("DROP TRIGGER fail_audit")
+        promoted = fake_api.wait_for(lambda: [t for t in _admin_texts(fake_api)
+                                              if "PROMOTE" in t and "NOT applied" not in t])
+        # Later runs (every 0.6 s) find no candidate and stay silent.
+        time.sleep(1.5)
+    finally:
+        harness.stop()
+
+    (message,) = promoted
+    assert "E⁺ = " in message and "votes" in message and "→ v1-en now serves everyone" in message
+    assert sum("PROMOTE" in t and "NOT applied" not in t for t in _admin_texts(fake_api)) == 1
+    job_entries = _audit(job_db)[before:]
+    assert [(e[1], e[2], e[3]) for e in job_entries] == [("engine", "promote", B)]
+
+    parser = argparse.ArgumentParser()
+    experiment_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["analyze", "--db", str(cli_db), "--at", repr(now)])
+    assert args.func(args) == 0
+    assert _audit(cli_db)[before:] == job_entries
+    with sqlite3.connect(job_db) as conn:
+        assert conn.execute("SELECT state, replaced FROM prompt_versions WHERE id = ?",
+                            (B,)).fetchone() == (versions.ACTIVE, "v1-zh")

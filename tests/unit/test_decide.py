@@ -1,0 +1,220 @@
+"""The decision policy: each rule fires on the data it is about, and decide() = evaluate()."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+
+import numpy as np
+import pytest
+
+from analytics.decide import (
+    ACTIONS,
+    DecisionConfig,
+    ExperimentSnapshot,
+    HourStats,
+    decide,
+    describe_next_step,
+    evaluate,
+    snapshot_arrays,
+)
+
+START = 500_000  # an absolute hour index, as the store would use
+
+
+def hours_of(
+    n_hours: int,
+    correct_a: typing.Callable[[int], int] | int = 8,
+    correct_b: typing.Callable[[int], int] | int = 8,
+    votes: int = 10,
+    share: float = 0.5,
+    **extra: typing.Callable[[int], float] | float,
+) -> list[HourStats]:
+    """Deterministic hourly strata: ``votes`` per arm, verdicts and new users split evenly."""
+    def val(v: typing.Callable[[int], typing.Any] | typing.Any, h: int) -> typing.Any:
+        return v(h) if callable(v) else v
+
+    rows = []
+    for h in range(n_hours):
+        served_b = round(60 * share)
+        fields: dict[str, typing.Any] = {
+            "votes_a": votes, "correct_a": val(correct_a, h), "votes_b": votes,
+            "correct_b": val(correct_b, h), "served_a": 60 - served_b, "served_b": served_b,
+            "new_users_a": 20 - round(20 * share), "new_users_b": round(20 * share),
+            "planned_share": share, "up_a": 4, "down_a": 1, "up_b": 4, "down_b": 1,
+            "latency_n_a": 30, "latency_sum_a": 36.0, "latency_n_b": 30, "latency_sum_b": 36.0,
+        }
+        fields.update({k: val(v, h) for k, v in extra.items()})
+        rows.append(HourStats(hour=START + h, **fields))
+    return rows
+
+
+def snap(rows: list[HourStats], n_hours: int | None = None, share: float = 0.5,
+         **kw: typing.Any) -> ExperimentSnapshot:
+    return ExperimentSnapshot(
+        active_id="v1-zh", candidate_id="v2-zh", planned_share=share, start_hour=START,
+        now_hour=START + (len(rows) if n_hours is None else n_hours), strata=rows, **kw)
+
+
+CFG = DecisionConfig()
+
+
+def test_config_defaults_validate_and_use_yaml_friendly_types() -> None:
+    CFG.validate()
+    allowed = {int, float, str, bool}
+    for f in dataclasses.fields(DecisionConfig):
+        tp = typing.get_type_hints(DecisionConfig)[f.name]
+        assert tp in allowed or (typing.get_origin(tp) is list
+                                 and typing.get_args(tp)[0] in allowed), f.name
+    assert CFG.interval_minutes == 60.0
+    assert CFG.horizon_z() == pytest.approx(2.457, abs=1e-3)  # the remaining 0.7%
+
+
+@pytest.mark.parametrize("change", [
+    {"alpha_promote_sequential": 0.02},
+    {"alpha_revert": 1.5},
+    {"interval_minutes": 0},
+    {"ramp_shares": [0.1], "ramp_after_hours": [0.0, 6.0]},
+    {"ramp_after_hours": [6.0, 0.0]},
+    {"prior_grid_min": 2.0},
+    {"min_votes_per_arm": 0},
+])
+def test_config_rejects_nonsense(change: dict[str, typing.Any]) -> None:
+    with pytest.raises(ValueError):
+        dataclasses.replace(CFG, **change).validate()
+
+
+def test_promotes_a_clearly_better_candidate() -> None:
+    d = decide(snap(hours_of(24, correct_a=7, correct_b=9)), CFG)
+    assert d.action == "promote" and d.rule == "evidence_better"
+    assert d.stats["e_plus"] >= d.stats["promote_threshold"] == pytest.approx(1 / 0.003)
+    assert d.stats["votes_a"] == d.stats["votes_b"] == 240
+    assert "E⁺" in d.reason and "90.0%" in d.reason and "70.0%" in d.reason
+
+
+def test_reverts_a_clearly_worse_candidate() -> None:
+    d = decide(snap(hours_of(24, correct_a=9, correct_b=7)), CFG)
+    assert d.action == "revert" and d.rule == "evidence_worse"
+    assert d.stats["e_minus"] >= d.stats["revert_threshold"]
+
+
+def test_promotion_waits_for_minimum_votes_per_arm() -> None:
+    d = decide(snap(hours_of(12, correct_a=1, correct_b=5, votes=5)), CFG)
+    assert d.stats["e_plus"] >= d.stats["promote_threshold"]
+    assert d.action == "hold" and d.rule == "min_votes"
+
+
+def test_horizon_retires_without_difference_and_mh_can_promote() -> None:
+    flat = decide(snap(hours_of(168)), CFG)
+    assert flat.action == "retire" and flat.rule == "horizon_retire"
+    assert "retiring v2-zh" in flat.reason
+    # A small consistent gain: not enough for the e-process, enough for MH at the horizon.
+    rows = hours_of(168, correct_b=lambda h: 8 + (h % 25 < 9))
+    d = decide(snap(rows), CFG)
+    assert d.stats["e_plus"] < d.stats["promote_threshold"]
+    assert d.action == "promote" and d.rule == "horizon_mh"
+    assert d.stats["mh_z"] >= d.stats["horizon_z"]
+    # The same data one day earlier: still collecting.
+    assert decide(snap(rows[:144]), CFG).action == "hold"
+
+
+def test_broken_split_freezes_the_test() -> None:
+    rows = hours_of(24, new_users_a=14, new_users_b=6)
+    d = decide(snap(rows), CFG)
+    assert d.action == "freeze" and d.rule == "srm"
+    assert "sample-ratio" in d.reason and d.stats["srm_e"] >= 1000
+
+
+def test_edited_candidate_restarts() -> None:
+    d = decide(snap(hours_of(24, correct_a=7, correct_b=9), content_changed=True), CFG)
+    assert d.restart and d.action == "hold" and d.rule == "restart"
+
+
+SMOKE = {"votes_a": 18, "correct_a": 14, "votes_b": 2, "correct_b": 2}
+
+
+def test_ramps_after_the_smoke_period() -> None:
+    rows = hours_of(5, share=0.1, **SMOKE)
+    assert decide(snap(rows, share=0.1), CFG).action == "hold"
+    d = decide(snap(hours_of(6, share=0.1, **SMOKE), share=0.1), CFG)
+    assert d.action == "ramp" and d.new_share == 0.5
+    assert "10.0%" in d.reason and "50.0%" in d.reason
+    # Already at 50%: nothing to do.
+    assert decide(snap(hours_of(8)), CFG).action == "hold"
+
+
+def test_concurrent_candidates_split_budget_and_traffic() -> None:
+    d = decide(snap(hours_of(7, share=0.1, **SMOKE), share=0.1, concurrent_candidates=2), CFG)
+    assert d.action == "ramp" and d.new_share == pytest.approx(1 / 3)
+    assert d.stats["promote_threshold"] == pytest.approx(2 / 0.003)
+    assert d.stats["revert_threshold"] == pytest.approx(2 / CFG.alpha_revert_sequential)
+
+
+def test_stale_data_holds() -> None:
+    rows = hours_of(30) + [HourStats(hour=START + 30 + i, served_a=30, served_b=30,
+                                     planned_share=0.5) for i in range(6)]
+    d = decide(snap(rows), CFG)
+    assert d.action == "hold" and d.rule == "stale"
+
+
+def test_more_thumbs_down_reverts() -> None:
+    rows = hours_of(72, up_a=8, down_a=2, up_b=4, down_b=6)
+    d = decide(snap(rows), CFG)
+    assert d.action == "revert" and d.rule == "reactions"
+    assert d.stats["down_ratio"] == pytest.approx(3.0)
+
+
+def test_slower_candidate_reverts() -> None:
+    d = decide(snap(hours_of(3, latency_sum_b=80.0)), CFG)
+    assert d.action == "revert" and d.rule == "latency"
+    assert "2.22× slower" in d.reason
+
+
+def test_vote_rate_disparity_holds_promotion() -> None:
+    # Same verdicts served, but the candidate's verdicts are voted on 2.5× less often.
+    rows = hours_of(48, correct_a=14, correct_b=4, votes=4)
+    rows = [dataclasses.replace(r, votes_a=20, correct_a=14) for r in rows]
+    d = decide(snap(rows), CFG)
+    assert d.action == "hold" and d.rule == "parity"
+    assert d.stats["vote_rate_ratio"] == pytest.approx(0.2)
+
+
+def test_partial_and_foreign_hours_are_ignored() -> None:
+    rows = hours_of(24, correct_a=7, correct_b=9)
+    extra = HourStats(hour=START + 24, votes_a=100, correct_a=100, votes_b=100, correct_b=0,
+                      planned_share=0.5)
+    early = HourStats(hour=START - 5, votes_a=100, correct_a=100, planned_share=0.5)
+    assert decide(snap([*rows, extra, early], n_hours=24), CFG) == decide(snap(rows), CFG)
+
+
+def test_no_completed_hour_holds() -> None:
+    d = decide(snap([], n_hours=0), CFG)
+    assert d.action == "hold" and d.rule == "collecting"
+
+
+def test_decide_is_the_vectorised_engine_at_the_last_look() -> None:
+    # The simulation calls evaluate(); the bot calls decide(): same decision at every hour.
+    rng = np.random.default_rng(4)
+    rows = [HourStats(hour=START + h, votes_a=int(va), correct_a=int(rng.binomial(va, 0.75)),
+                      votes_b=int(vb), correct_b=int(rng.binomial(vb, 0.9)),
+                      served_a=30, served_b=30, new_users_a=10, new_users_b=10,
+                      planned_share=0.5)
+            for h, (va, vb) in enumerate(rng.poisson(4, (60, 2)))]
+    arrays, _ = snapshot_arrays(snap(rows))
+    traj = evaluate(arrays, CFG)
+    seen = set()
+    for t in range(60):
+        d = decide(snap(rows[: t + 1]), CFG)
+        assert d.action == ACTIONS[traj.action[0, t]]
+        assert math.log(d.stats["e_plus"]) == pytest.approx(traj.log_e_plus[0, t])
+        seen.add(d.action)
+    assert "promote" in seen  # the comparison covered a decision, not only holds
+
+
+def test_describe_next_step() -> None:
+    hold = decide(snap(hours_of(10)), CFG)
+    text = describe_next_step(hold)
+    assert text.startswith("holding: promotion needs") and "h until the horizon" in text
+    promote = decide(snap(hours_of(24, correct_a=7, correct_b=9)), CFG)
+    assert describe_next_step(promote).startswith("promote:")

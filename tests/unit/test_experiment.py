@@ -1,0 +1,483 @@
+"""The engine's I/O half: snapshots read from a real database, decisions written atomically."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from analytics.decide import DecisionConfig, decide
+from bot import experiment, experiment_cli, versions
+from bot.prompts import PromptVersion, load_directory
+from bot.store.db import Database
+
+ROOT = Path(__file__).resolve().parents[2]
+A, B = "v1-zh", "v1-en"
+# An hour boundary, so hour indexes in the tests are easy to read.
+T0 = 1_700_000_000 // 3600 * 3600
+H0 = T0 // 3600
+
+
+@pytest.fixture(scope="module")
+def catalog() -> dict[str, PromptVersion]:
+    return load_directory(ROOT / "prompts")
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = await Database.open(tmp_path / "loopbot.db")
+    yield database
+    await database.close()
+
+
+async def start_test(db: Database, catalog: dict[str, PromptVersion], *, share: float = 50.0,
+                     at: float = T0) -> None:
+    await versions.ensure_active(db, catalog, A, now=at - 3600)
+    await versions.set_canary(db, B, share, catalog, actor="admin:1", reason="test",
+                              now=at)
+
+
+async def add_interaction(
+    conn: object, *, user: int, version: str, at: float, message_id: int,
+    vote: bool | None = None, voter: int | None = None, vote_at: float | None = None,
+    latency_ms: float | None = None, reaction: int | None = None,
+    reaction_at: float | None = None,
+) -> None:
+    """One verdict row (and its vote / reply reaction) exactly as the bot stores them."""
+    import aiosqlite
+
+    assert isinstance(conn, aiosqlite.Connection)
+    arm = "active" if version == A else "candidate"
+    cur = await conn.execute(
+        "INSERT INTO interactions (created_at, chat_id, user_id, message_id, text, version_id,"
+        " arm, bucket, label, probabilities, reply_latency_ms)"
+        " VALUES (?, ?, ?, ?, 'hi', ?, ?, 0, 'positive', '{}', ?)",
+        (at, user, user, message_id, version, arm, latency_ms))
+    iid = cur.lastrowid
+    if vote is not None:
+        when = at + 30 if vote_at is None else vote_at
+        await conn.execute(
+            "INSERT INTO votes (interaction_id, user_id, correct, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?)", (iid, user if voter is None else voter, int(vote),
+                                        when, when))
+    if reaction is not None:
+        when = at + 40 if reaction_at is None else reaction_at
+        await conn.execute(
+            "INSERT INTO reactions (interaction_id, chat_id, message_id, user_id, kind, emojis,"
+            " polarity, updated_at) VALUES (?, ?, ?, ?, 'reply', '[]', ?, ?)",
+            (iid, user, message_id + 1_000_000, user, reaction, when))
+
+
+async def fill(db: Database, *, hours: int, per_hour_a: int, per_hour_b: int, acc_a: float,
+               acc_b: float, seed: int = 1, start: float = T0, first_user: int = 10_000
+               ) -> None:
+    """``hours`` of traffic from ``start``: every verdict from a new user, who votes on it."""
+    rng = random.Random(seed)
+    user = first_user
+    async with db.transaction() as conn:
+        for hour in range(hours):
+            for version, n, acc in ((A, per_hour_a, acc_a), (B, per_hour_b, acc_b)):
+                for k in range(n):
+                    user += 1
+                    at = start + hour * 3600 + 60 + k * (3000 / max(n, 1))
+                    await add_interaction(conn, user=user, version=version, at=at,
+                                          message_id=user, vote=rng.random() < acc,
+                                          latency_ms=800.0)
+
+
+async def audit_count(db: Database) -> int:
+    row = await db.fetchone("SELECT COUNT(*) FROM audit_log")
+    assert row is not None
+    return int(row[0])
+
+
+# ------------------------------------------------------------------------------ snapshots
+
+
+async def test_snapshot_counts_completed_hours_with_capped_votes(
+        db: Database, catalog: dict[str, PromptVersion]) -> None:
+    since = T0 + 600
+    await start_test(db, catalog, at=since)
+    async with db.transaction() as conn:
+        # Before the test started: not part of it.
+        await add_interaction(conn, user=1, version=A, at=T0 + 100, message_id=1, vote=True)
+        # Hour 0: one user votes 12 times on the active arm; the daily cap keeps 10.
+        for k in range(12):
+            await add_interaction(conn, user=5, version=A, at=since + 10 + k, message_id=10 + k,
+                                  vote=k % 2 == 0, latency_ms=1000.0)
+        await add_interaction(conn, user=6, version=B, at=since + 100, message_id=30,
+                              vote=True, latency_ms=3000.0, reaction=-1)
+        await add_interaction(conn, user=7, version=B, at=since + 200, message_id=31,
+                              reaction=0)
+        # Hour 1: user 6 again (not new), a vote cast in hour 2 on an hour-1 verdict, a 👍.
+        await add_interaction(conn, user=6, version=B, at=T0 + 3600 + 5, message_id=32,
+                              vote=False, vote_at=T0 + 2 * 3600 + 5)
+        await add_interaction(conn, user=8, version=A, at=T0 + 3600 + 9, message_id=33,
+                              reaction=1)
+        # The current hour (3) is still open: ignored.
+        await add_interaction(conn, user=9, version=B, at=T0 + 3 * 3600 + 1, message_id=34,
+                              vote=True)
+    cfg = DecisionConfig(max_votes_per_user_day=10)
+    (exp,) = await experiment.build_experiments(db, catalog, cfg, T0 + 3 * 3600 + 1800)
+    snap = exp.snapshot
+    assert (snap.start_hour, snap.now_hour, snap.active_id, snap.candidate_id) == (
+        H0, H0 + 3, A, B)
+    assert snap.planned_share == 0.5 and snap.concurrent_candidates == 1
+    assert not snap.content_changed
+    by_hour = {s.hour - H0: s for s in snap.strata}
+    assert sorted(by_hour) == [0, 1, 2]
+    h0, h1, h2 = by_hour[0], by_hour[1], by_hour[2]
+    assert (h0.votes_a, h0.correct_a, h0.votes_b, h0.correct_b) == (10, 5, 1, 1)
+    assert (h0.served_a, h0.served_b, h0.new_users_a, h0.new_users_b) == (12, 2, 1, 2)
+    assert (h0.up_b, h0.down_b, h0.up_a, h0.down_a) == (0, 1, 0, 0)
+    assert (h0.latency_n_a, h0.latency_n_b) == (12, 1)
+    assert h0.latency_sum_a == pytest.approx(12.0) and h0.latency_sum_b == pytest.approx(3.0)
+    assert h0.planned_share == pytest.approx(0.5)
+    assert (h1.served_a, h1.served_b, h1.new_users_a, h1.new_users_b) == (1, 1, 1, 0)
+    assert (h1.votes_a, h1.votes_b, h1.up_a) == (0, 0, 1)
+    assert (h2.votes_b, h2.correct_b, h2.served_b) == (1, 0, 0)
+
+
+async def test_share_timeline_follows_the_ramp(db: Database,
+                                               catalog: dict[str, PromptVersion]) -> None:
+    await start_test(db, catalog, share=10, at=T0)
+    await versions.set_canary(db, B, 50, catalog, actor="engine", reason="ramp",
+                              now=T0 + 6 * 3600)
+    timeline = experiment.ShareTimeline.from_audit(await versions.audit_log(db))
+    assert timeline.share_at(B, T0 - 1) == 0.0
+    assert timeline.share_at(B, T0 + 3600) == pytest.approx(0.1)
+    assert timeline.share_at(B, T0 + 7 * 3600) == pytest.approx(0.5)
+    assert timeline.share_at(A, T0 + 7 * 3600) == 0.0
+
+
+# ------------------------------------------------------------------------------ decisions
+
+
+async def test_engine_promotes_a_better_candidate_with_one_audit_entry(
+        db: Database, catalog: dict[str, PromptVersion]) -> None:
+    await start_test(db, catalog)
+    await fill(db, hours=30, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95)
+    before = await audit_count(db)
+    (out,) = await experiment.analyze(db, catalog, DecisionConfig(), now=T0 + 30 * 3600 + 60)
+    assert out.action == "promote" and out.applied and out.error is None
+    assert await audit_count(db) == before + 1
+    state = await versions.load(db)
+    assert state.active is not None and state.active.version_id == B
+    assert state.active.replaced == A and not state.candidates
+    (entry,) = await versions.audit_log(db, limit=1)
+    assert (entry.action, entry.version_id, entry.actor, entry.id) == (
+        "promote", B, "engine", out.audit_id)
+    assert entry.stats["decision"] == "promote" and entry.stats["e_plus"] >= 500
+    assert entry.stats["votes_b"] >= 100
+    # The admin message carries the numbers behind the decision.
+    assert "E⁺" in out.message and f"{entry.stats['votes_b']} votes" in out.message
+    # Nothing left to decide: a second run writes nothing.
+    assert await experiment.analyze(db, catalog, DecisionConfig(),
+                                    now=T0 + 30 * 3600 + 120) == []
+    assert await audit_count(db) == before + 1
+
+
+async def test_a_decision_on_a_test_an_admin_changed_meanwhile_is_not_applied(
+        db: Database, catalog: dict[str, PromptVersion]) -> None:
+    await start_test(db, catalog)
+    await fill(db, hours=30, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95)
+    now = T0 + 30 * 3600 + 60
+    (exp,) = await experiment.build_experiments(db, catalog, DecisionConfig(), now)
+    decision = decide(exp.snapshot, DecisionConfig())
+    assert decision.action == "promote"
+    # Between the engine's snapshot and its write, an admin ends the test by hand.
+    await versions.retire(db, B, actor="admin:1", reason="by hand", now=now + 1)
+    before = await audit_count(db)
+    assert await experiment.apply_decision(db, exp, decision, catalog, now=now + 2) is None
+    assert await audit_count(db) == before
+    state = await versions.load(db)
+    assert state.active is not None and state.active.version_id == A
+
+
+async def test_engine_reverts_a_worse_candidate_and_keeps_the_active(
+        db: Database, catalog: dict[str, PromptVersion]) -> None:
+    await start_test(db, catalog)
+    await fill(db, hours=30, per_hour_a=20, per_hour_b=20, acc_a=0.90, acc_b=0.55)
+    before = await audit_count(db)
+    (out,) = await experiment.analyze(db, catalog, DecisionConfig(), now=T0 + 30 * 3600 + 60)
+    assert out.action == "revert" and out.applied
+    assert await audit_count(db) == before + 1
+    state = await versions.load(db)
+    assert state.active is not None and state.active.version_id == A
+    retired = state.get(B)
+    assert retired is not None and retired.state == versions.RETIRED and retired.share == 0
+    (entry,) = await versions.audit_log(db, limit=1)
+    assert entry.action == "retire" and entry.stats["decision"] == "revert"
+    assert entry.reason.startswith("revert: ")
+
+
+async def test_sample_ratio_guard_freezes_a_broken_split(
+        db: Database, catalog: dict[str, PromptVersion]) -> None:
+    await start_test(db, catalog)  # planned 50/50 ...
+    # ... but only a quarter of the new users reach the candidate; accuracy is equal.
+    await fill(db, hours=20, per_hour_a=30, per_hour_b=10, acc_a=0.8, acc_b=0.8)
+    (out,) = await experiment.analyze(db, catalog, DecisionConfig(), now=T0 + 20 * 3600 + 60)
+    assert (out.action, out.decision.rule, out.applied) == ("freeze", "srm", True)
+    assert out.decision.stats["srm_observed_share"] == pytest.approx(0.25)
+    state = await versions.load(db)
+    frozen = state.get(B)
+    assert frozen is not None and frozen.state == versions.RETIRED and frozen.share == 0
+    assert state.active is not None and state.active.version_id == A
+    (entry,) = await versions.audit_log(db, limit=1)
+    assert entry.stats["decision"] == "freeze" and "sample-ratio" in entry.reason
+
+
+async def test_a_healthy_split_is_not_frozen(db: Database,
+                                             catalog: dict[str, PromptVersion]) -> None:
+    await start_test(db, catalog)
+    await fill(db, hours=20, per_hour_a=20, per_hour_b=20, acc_a=0.8, acc_b=0.8)
+    before = await audit_count(db)
+    (out,) = await experiment.analyze(db, catalog, DecisionConfig(), now=T0 + 20 * 3600 + 60)
+    assert out.action == "hold" and not out.applied and not out.notable
+    assert "E⁺" in out.message
+    assert await audit_count(db) == before
+
+
+async def test_ramp_keeps_the_test_and_is_applied_once(
+        db: Database, catalog: dict[str, PromptVersion]) -> None:
+    await start_test(db, catalog, share=10)
+    await fill(db, hours=8, per_hour_a=18, per_hour_b=2, acc_a=0.8, acc_b=0.8)
+    now = T0 + 8 * 3600 + 60
+    plan = DecisionConfig(ramp_shares=[0.1, 0.5], ramp_after_hours=[0.0, 6.0])
+    (out,) = await experiment.analyze(db, catalog, plan, now=now)
+    assert (out.action, out.decision.new_share, out.applied) == ("ramp", 0.5, True)
+    state = await versions.load(db)
+    (cand,) = state.candidates
+    assert (cand.share, cand.since) == (0.5, T0)
+    (entry,) = await versions.audit_log(db, limit=1)
+    assert (entry.action, entry.share, entry.stats["decision"]) == ("canary", 0.5, "ramp")
+    count = await audit_count(db)
+    (again,) = await experiment.analyze(db, catalog, plan, now=now + 60)
+    assert again.action == "hold" and await audit_count(db) == count
+
+
+async def test_an_edited_candidate_restarts_its_test(
+        db: Database, catalog: dict[str, PromptVersion]) -> None:
+    import dataclasses
+
+    await start_test(db, catalog)
+    await fill(db, hours=3, per_hour_a=5, per_hour_b=5, acc_a=0.8, acc_b=0.8)
+    edited = {**catalog, B: dataclasses.replace(catalog[B], content_hash="edited")}
+    now = T0 + 3 * 3600 + 60
+    (out,) = await experiment.analyze(db, edited, DecisionConfig(), now=now)
+    assert out.decision.restart and out.applied and out.notable
+    (cand,) = (await versions.load(db)).candidates
+    assert (cand.since, cand.content_hash) == (now, "edited")
+    # The old votes are about the old prompt: the new test has no completed hour yet.
+    (exp,) = await experiment.build_experiments(db, edited, DecisionConfig(), now + 60)
+    assert exp.snapshot.strata == ()
+
+
+async def test_two_candidates_split_the_traffic_and_a_promotion_restarts_the_other(
+        db: Database, catalog: dict[str, PromptVersion]) -> None:
+    import dataclasses
+
+    cat = {**catalog, "v2": dataclasses.replace(catalog[B], id="v2", content_hash="h-v2")}
+    await start_test(db, cat, share=30)
+    await versions.set_canary(db, "v2", 30, cat, actor="admin:1", reason="test", now=T0)
+    # New users per hour: 8 active, 6 each candidate, as the 40/30/30 split plans.
+    await fill(db, hours=30, per_hour_a=8, per_hour_b=6, acc_a=0.6, acc_b=0.98)
+    async with db.transaction() as conn:
+        for hour in range(30):
+            for k in range(6):
+                user = 900_000 + 10 * hour + k
+                await add_interaction(conn, user=user, version="v2", at=T0 + hour * 3600 + k,
+                                      message_id=user, vote=k % 4 != 0)
+    now = T0 + 30 * 3600 + 60
+    exp_b, _ = await experiment.build_experiments(db, cat, DecisionConfig(), now)
+    assert exp_b.snapshot.concurrent_candidates == 2
+    # Within "active or v1-en" a user lands on v1-en with probability 0.3 / 0.7.
+    assert {round(s.planned_share, 6) for s in exp_b.snapshot.strata} == {round(3 / 7, 6)}
+
+    out_b, out_c = await experiment.analyze(db, cat, DecisionConfig(), now=now)
+    assert (out_b.candidate_id, out_b.action, out_b.applied) == (B, "promote", True)
+    # Two candidates: each gets half the error budget.
+    assert out_b.decision.stats["promote_threshold"] == pytest.approx(
+        2 / DecisionConfig().alpha_promote_sequential)
+    # v2 was compared with v1-zh: against the new active version its test starts now.
+    assert (out_c.candidate_id, out_c.active_id, out_c.action) == ("v2", B, "hold")
+    assert out_c.snapshot is not None and out_c.snapshot.strata == ()
+    state = await versions.load(db)
+    assert state.active is not None and state.active.version_id == B
+    assert [c.version_id for c in state.candidates] == ["v2"]
+
+
+async def test_the_error_budget_stays_split_after_a_second_candidate_ends(
+        db: Database, catalog: dict[str, PromptVersion]) -> None:
+    import dataclasses
+
+    cat = {**catalog, "v2": dataclasses.replace(catalog[B], id="v2", content_hash="h-v2")}
+    await start_test(db, cat, share=30)
+    await versions.set_canary(db, "v2", 30, cat, actor="admin:1", reason="test", now=T0 + 60)
+    await versions.retire(db, "v2", actor="admin:1", reason="done", now=T0 + 5 * 3600)
+    (exp,) = await experiment.build_experiments(db, cat, DecisionConfig(), T0 + 9 * 3600)
+    # Earlier looks were taken with two candidates: the split must not loosen afterwards.
+    assert exp.snapshot.concurrent_candidates == 2
+
+
+async def test_dry_run_and_cli_report_without_writing(
+        tmp_path: Path, db: Database, catalog: dict[str, PromptVersion],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    await start_test(db, catalog)
+    await fill(db, hours=30, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95)
+    now = T0 + 30 * 3600 + 60
+    before = await audit_count(db)
+    (dry,) = await experiment.analyze(db, catalog, DecisionConfig(), now=now, apply=False)
+    assert dry.action == "promote" and not dry.applied and "dry run" in dry.message
+    await db.close()
+
+    parser = argparse.ArgumentParser()
+    experiment_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["analyze", "--db", str(db.path), "--json", "--dry-run",
+                              "--at", str(now)])
+    assert await asyncio.to_thread(args.func, args) == 0
+    report = json.loads(capsys.readouterr().out)
+    (row,) = report["outcomes"]
+    assert (row["candidate"], row["action"], row["applied"]) == (B, "promote", False)
+    assert row["stats"] == experiment._json_safe(dry.decision.stats)
+    with sqlite3.connect(db.path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM audit_log").fetchone()[0] == before
+
+    args = parser.parse_args(["analyze", "--db", str(db.path), "--at", str(now)])
+    assert await asyncio.to_thread(args.func, args) == 0
+    assert "PROMOTE" in capsys.readouterr().out
+    with sqlite3.connect(db.path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM audit_log").fetchone()[0] == before + 1
+        assert conn.execute("SELECT id FROM prompt_versions WHERE state = 'active'"
+                            ).fetchall() == [(B,)]
+
+
+# ------------------------------------------------------------------------------ atomicity
+
+
+async def _inject_audit_failure(db: Database) -> None:
+    # A failure between the state write and the audit write of the same transaction.
+    await db.fetchall("CREATE TRIGGER fail_audit BEFORE INSERT ON audit_log"
+                      " BEGIN SELECT RAISE(ABORT, 'injected crash'); END")
+
+
+async def _state_rows(db: Database) -> list[tuple[object, ...]]:
+    return [tuple(r) for r in await db.fetchall("SELECT * FROM prompt_versions ORDER BY id")]
+
+
+@pytest.mark.parametrize("change", ["promote", "revert", "rollback"])
+async def test_a_crash_between_state_and_audit_leaves_one_consistent_state(
+        db: Database, catalog: dict[str, PromptVersion], change: str) -> None:
+    await start_test(db, catalog)
+    better = change != "revert"
+    await fill(db, hours=30, per_hour_a=20, per_hour_b=20, acc_a=0.70 if better else 0.9,
+               acc_b=0.95 if better else 0.55)
+    now = T0 + 30 * 3600 + 60
+    if change == "rollback":
+        await experiment.analyze(db, catalog, DecisionConfig(), now=now)
+    rows, count = await _state_rows(db), await audit_count(db)
+
+    await _inject_audit_failure(db)
+    if change == "rollback":
+        with pytest.raises(sqlite3.IntegrityError, match="injected crash"):
+            await versions.rollback(db, catalog, actor="admin:1", reason="/rollback")
+    else:
+        (out,) = await experiment.analyze(db, catalog, DecisionConfig(), now=now)
+        assert out.action == change and not out.applied
+        assert out.error is not None and "injected crash" in out.error
+        assert "NOT applied" in out.message
+    assert await _state_rows(db) == rows and await audit_count(db) == count
+
+    await db.fetchall("DROP TRIGGER fail_audit")
+    if change == "rollback":
+        await versions.rollback(db, catalog, actor="admin:1", reason="/rollback")
+        expected_active = A
+    else:
+        (out,) = await experiment.analyze(db, catalog, DecisionConfig(), now=now)
+        assert out.applied
+        expected_active = B if change == "promote" else A
+    assert await audit_count(db) == count + 1
+    state = await versions.load(db)
+    assert state.active is not None and state.active.version_id == expected_active
+    assert not state.candidates
+
+
+_CHURN = textwrap.dedent("""
+    import asyncio, sys
+    from analytics.decide import Decision, DecisionConfig
+    from bot import experiment, versions
+    from bot.prompts import load_directory
+    from bot.store.db import Database
+
+    async def main(path, prompts):
+        catalog = load_directory(prompts)
+        db = await Database.open(path)
+        await versions.ensure_active(db, catalog, "v1-zh", now=1.0)
+        i = 0
+        while True:
+            i += 1
+            now = 1000.0 * i
+            await versions.set_canary(db, "v1-en", 50, catalog, actor="t", reason="c", now=now)
+            (exp,) = await experiment.build_experiments(db, catalog, DecisionConfig(), now)
+            action = ("promote", "revert", "freeze", "ramp")[i % 4]
+            decision = Decision(action=action, reason="churn", rule="test", stats={"i": i},
+                                new_share=0.6 if action == "ramp" else None)
+            await experiment.apply_decision(db, exp, decision, catalog, now=now + 1)
+            if action == "promote":
+                await versions.rollback(db, catalog, actor="t", reason="back", now=now + 2)
+            elif action == "ramp":
+                await versions.retire(db, "v1-en", actor="t", reason="end", now=now + 2)
+            print(i, flush=True)
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+""")
+
+
+def _replay(entries: list[tuple[str, str, str, float, str | None]]) -> dict[str, tuple[str, float]]:
+    state: dict[str, tuple[str, float]] = {}
+    for action, version_id, to_state, share, previous in entries:
+        if action in ("promote", "rollback") and previous:
+            state[previous] = (versions.RETIRED, 0.0)
+        state[version_id] = (to_state, share if to_state == versions.CANDIDATE else 0.0)
+    return state
+
+
+def test_kill_9_during_decisions_leaves_state_matching_the_audit_log(tmp_path: Path) -> None:
+    """A real crash: the process applying decisions is SIGKILLed at a random moment."""
+    path = tmp_path / "churn.db"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-c", _CHURN, str(path), str(ROOT / "prompts")],
+                             stdout=subprocess.PIPE, env=env, cwd=ROOT)
+    assert child.stdout is not None
+    try:
+        deadline = time.monotonic() + 30
+        while int(child.stdout.readline() or b"0") < 5:
+            assert time.monotonic() < deadline and child.poll() is None, "child stalled"
+        time.sleep(random.Random().uniform(0.0, 0.05))
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        entries = conn.execute("SELECT action, version_id, to_state, share, previous_active"
+                               " FROM audit_log ORDER BY id").fetchall()
+        table = {r[0]: (r[1], r[2]) for r in conn.execute(
+            "SELECT id, state, share FROM prompt_versions")}
+        engine = conn.execute("SELECT stats FROM audit_log WHERE actor = 'engine'").fetchall()
+    assert len(entries) >= 10
+    assert table == _replay(entries)
+    assert list(table.values()).count((versions.ACTIVE, 0.0)) == 1
+    assert all("decision" in json.loads(s) for (s,) in engine)

@@ -1,0 +1,93 @@
+"""The pipeline's feedback side: which votes are accepted, and what they record.
+
+Votes never touch the model, so the runtime here is a real, never-started ModelRuntime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bot.config import Settings
+from bot.llm.runtime import ModelRuntime
+from bot.prompts import load_directory
+from bot.service import CORRECT, WRONG, Service
+from bot.store.queries import Interaction, NewInteraction, Store
+
+ROOT = Path(__file__).resolve().parents[2]
+LABELS3 = {"pos": 0.6, "neu": 0.3, "neg": 0.1}
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[Service]:
+    settings = Settings()
+    store = await Store.open(tmp_path / "s.db")
+    svc = Service(settings, store, ModelRuntime(tmp_path / "unused.gguf", settings.model),
+                  load_directory(ROOT / "prompts"))
+    await svc.start()
+    yield svc
+    await store.close()
+
+
+async def _shown(service: Service, message_id: int, probs: dict[str, float],
+                 chat: int = 10) -> Interaction:
+    inter, _ = await service.store.insert_interaction(NewInteraction(
+        chat_id=chat, user_id=5, message_id=message_id, text="t", version_id="v1-zh",
+        arm="active", bucket=1, label=max(probs, key=probs.__getitem__), probabilities=probs))
+    await service.note_messages(inter.id, chat, "verdict", [1000 + message_id])
+    return inter
+
+
+async def test_wrong_with_two_labels_names_the_other_label(service: Service) -> None:
+    inter = await _shown(service, 1, {"正面": 0.8, "负面": 0.2})
+    out = await service.record_vote(inter.id, 5, WRONG, chat_id=10, message_id=1001)
+    assert out.ok and not out.ask_label and out.vote is not None
+    assert (out.vote.correct, out.vote.correct_label) == (False, "负面")
+
+
+async def test_wrong_with_three_labels_asks_for_the_right_one(service: Service) -> None:
+    inter = await _shown(service, 2, LABELS3)
+    out = await service.record_vote(inter.id, 5, WRONG, chat_id=10, message_id=1002)
+    assert out.ok and out.ask_label and out.vote is not None and out.vote.correct_label is None
+    picked = await service.record_vote(inter.id, 5, 2, chat_id=10, message_id=1002)
+    assert picked.vote is not None
+    assert (picked.vote.correct, picked.vote.correct_label) == (False, "neg")
+    # Picking the predicted label from the list means the verdict was right after all.
+    same = await service.record_vote(inter.id, 5, 0, chat_id=10, message_id=1002)
+    assert same.vote is not None and (same.vote.correct, same.vote.correct_label) == (True, None)
+    assert len(await service.store.votes_for(inter.id)) == 1
+
+
+async def test_votes_are_checked_against_what_was_shown(service: Service) -> None:
+    inter = await _shown(service, 3, LABELS3)
+    cases: list[tuple[int, str | int, int, int, str]] = [
+        (inter.id + 100, CORRECT, 10, 1003, "unknown interaction"),
+        (inter.id, CORRECT, 11, 1003, "not a verdict of this chat"),
+        (inter.id, CORRECT, 10, 1999, "another message"),
+        (inter.id, 7, 10, 1003, "invalid choice"),
+    ]
+    for iid, choice, chat, message, reason in cases:
+        out = await service.record_vote(iid, 5, choice, chat_id=chat, message_id=message)
+        assert not out.ok and reason in out.reason
+    assert await service.store.votes_for(inter.id) == []
+
+
+async def test_reactions_only_count_on_the_bots_messages(service: Service) -> None:
+    inter = await _shown(service, 4, {"正面": 0.8, "负面": 0.2})
+    await service.note_messages(inter.id, 10, "reply", [2004])
+    assert await service.record_reaction(10, 9999, 5, ["👍"]) is None
+    stored = await service.record_reaction(10, 2004, 5, ["👎"])
+    assert stored is not None and (stored.kind, stored.polarity) == ("reply", -1)
+    assert await service.record_reaction(10, 2004, 5, []) is None
+    assert await service.store.reactions_for(inter.id) == []
+
+
+async def test_stats_and_export(service: Service) -> None:
+    inter = await _shown(service, 5, {"正面": 0.8, "负面": 0.2})
+    await service.record_vote(inter.id, 5, CORRECT, chat_id=10, message_id=1005)
+    (report,) = [r for r in await service.stats() if r.version_id == "v1-zh"]
+    assert (report.state, report.verdicts, report.accuracy.votes) == ("active", 1, 1)
+    assert report.accuracy.low < 1.0 == report.accuracy.high
+    data, rows = await service.export_votes_csv()
+    assert rows == 1 and data.decode("utf-8-sig").splitlines()[0].startswith("interaction_id,")

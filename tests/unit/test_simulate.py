@@ -1,0 +1,89 @@
+"""`loopbot simulate`: scenario definitions, JSON shape, and sanity of a small benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from analytics.decide import DecisionConfig
+from analytics.simulate import HOURS, METHODS, SCENARIOS, main, register, simulate_arrays
+
+KEYS = {"false_promotion_rate", "false_rollback_rate", "power_plus5", "power_plus10",
+        "rollback_power_minus5", "mean_votes_plus5", "mean_votes_plus10"}
+
+
+def test_scenarios_follow_the_issue() -> None:
+    assert set(SCENARIOS) == {"S1", "S2", "S3_up", "S3_down", "S5", "S1_clustered"}
+    s3 = SCENARIOS["S3_up"].share()
+    assert (s3[0], s3[24], s3[48], s3[-1]) == (0.10, 0.25, 0.50, 0.50)
+    assert np.all(SCENARIOS["S5"].share() == 0.10)
+    up, down = SCENARIOS["S3_up"].accuracy(), SCENARIOS["S3_down"].accuracy()
+    hours = np.arange(HOURS)
+    # Linear trend over the week (the daily wave leaks a little into the fit).
+    assert np.polyfit(hours, up, 1)[0] * HOURS == pytest.approx(0.10, abs=0.015)
+    assert np.polyfit(hours, down, 1)[0] * HOURS == pytest.approx(-0.10, abs=0.015)
+    assert np.ptp(up[:24]) > 0.05  # plus a daily wave
+
+
+@pytest.mark.parametrize("name", ["S1", "S2", "S1_clustered"])
+def test_simulated_traffic_rates(name: str) -> None:
+    rng = np.random.default_rng(0)
+    data = simulate_arrays(SCENARIOS[name], 0.05, 40, rng, cap=10)
+    data.validate()
+    assert data.votes_a.shape == (40, HOURS)
+    per_hour = (data.votes_a + data.votes_b).mean()
+    assert per_hour == pytest.approx(SCENARIOS[name].votes_per_hour, rel=0.1)
+    acc_a = data.correct_a.sum() / data.votes_a.sum()
+    acc_b = data.correct_b.sum() / data.votes_b.sum()
+    assert 0.03 < acc_b - acc_a < 0.07
+    if name == "S1_clustered":
+        assert data.design_effect[:, -1].mean() > 1.1  # users' biases really cluster votes
+    else:
+        assert np.all(data.design_effect == 1.0)
+
+
+def test_register_adds_the_subcommand() -> None:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["simulate", "--json", "--runs", "5", "--seed", "3",
+                              "--scenarios", "S1", "S5"])
+    assert args.json and args.runs == 5 and args.seed == 3 and args.scenarios == ["S1", "S5"]
+    assert callable(args.func)
+
+
+@pytest.mark.slow
+def test_small_benchmark_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--json", "--runs", "30", "--seed", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"scenarios"}
+    assert set(report["scenarios"]) == set(SCENARIOS)
+    for methods in report["scenarios"].values():
+        assert set(methods) == set(METHODS)
+        for metrics in methods.values():
+            assert set(metrics) == KEYS
+            for key in KEYS - {"mean_votes_plus5", "mean_votes_plus10"}:
+                assert 0.0 <= metrics[key] <= 1.0
+    s1 = report["scenarios"]["S1"]
+    # Sanity, not the acceptance figures (those need 1000 runs): a +10 point gain is found
+    # by every method, and the engine promotes a no-difference candidate rarely.
+    assert s1["engine"]["power_plus10"] >= 0.9
+    assert s1["engine"]["false_promotion_rate"] <= 0.1
+    assert s1["engine"]["mean_votes_plus10"] < s1["engine"]["mean_votes_plus5"]
+    assert s1["naive"]["false_promotion_rate"] >= s1["engine"]["false_promotion_rate"]
+
+
+def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--runs", "0"]) == 2
+    assert "--runs" in capsys.readouterr().err
+
+
+def test_same_seed_same_report() -> None:
+    from analytics.simulate import simulate
+
+    cfg = DecisionConfig()
+    a = simulate(8, seed=5, scenarios=["S2"], config=cfg)
+    b = simulate(8, seed=5, scenarios=["S2"], config=cfg)
+    assert a == b
