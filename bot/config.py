@@ -78,6 +78,7 @@ class ModelConfig:
     # Download source for `loopbot model fetch`.
     fetch_repo: str = "Qwen/Qwen1.5-0.5B-Chat-GGUF"
     fetch_file: str = "qwen1_5-0_5b-chat-q8_0.gguf"
+    # Expected SHA-256 of that file; empty = check the one the Hub publishes for it.
     fetch_sha256: str = ""
     fetch_base_url: str = "https://huggingface.co"
 

@@ -1,9 +1,12 @@
 """Download a model file (Hugging Face ``resolve`` URL layout) with the standard library only.
 
 Model files are hundreds of MB and connections break, so the download goes to ``<file>.part``,
-resumes from there with an HTTP Range request, is checked (SHA-256 when known, else the size the
-server announced) and only then renamed to its final name: a file under the final name is
-always whole. Offline machines get a message that says how to install the model by hand.
+resumes from there with an HTTP Range request, is checked and only then renamed to its final
+name: a file under the final name is always whole. The SHA-256 checked is the configured one or,
+when none is configured, the one Hugging Face publishes for every LFS file in its
+``X-Linked-Etag`` header (on the redirect to the CDN), so a default fetch is verified too; with
+neither, only the size the server announced is checked. Offline machines get a message that
+says how to install the model by hand.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from email.message import Message
+from http.client import HTTPMessage
 from pathlib import Path
-from typing import TextIO
+from typing import IO, TextIO
 
 DEFAULT_BASE_URL = "https://huggingface.co"
 _CHUNK = 1 << 20
@@ -97,12 +102,37 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _published_sha256(headers: Message) -> str | None:
+    """The SHA-256 the Hub states for an LFS file, or None (git files carry a SHA-1 there)."""
+    value = headers.get("X-Linked-Etag") or ""
+    value = value.strip().removeprefix("W/").strip('"').lower()
+    return value if _SHA256_HEX.fullmatch(value) else None
+
+
+class _RecordRedirects(urllib.request.HTTPRedirectHandler):
+    """Keeps the checksum header of the Hub's redirect, which the CDN's answer lacks."""
+
+    def __init__(self) -> None:
+        self.sha256: str | None = None
+
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int,
+                         msg: str, headers: HTTPMessage,
+                         newurl: str) -> urllib.request.Request | None:
+        self.sha256 = _published_sha256(headers) or self.sha256
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _open(url: str, offset: int, timeout: float,
+          redirects: _RecordRedirects) -> http.client.HTTPResponse:
     headers = {"User-Agent": _USER_AGENT}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     request = urllib.request.Request(url, headers=headers)
-    response: http.client.HTTPResponse = urllib.request.urlopen(request, timeout=timeout)
+    opener = urllib.request.build_opener(redirects)
+    response: http.client.HTTPResponse = opener.open(request, timeout=timeout)
     return response
 
 
@@ -147,7 +177,7 @@ def fetch_model(
     last_error: BaseException | None = None
     for _attempt in range(_ATTEMPTS):
         try:
-            total = _download(url, part, timeout, out, dest.name)
+            total, published = _download(url, part, timeout, out, dest.name)
         except (http.client.IncompleteRead, ConnectionError, TimeoutError) as exc:
             # The connection broke mid-file: what arrived stays in .part and the next attempt
             # asks only for the rest.
@@ -167,7 +197,16 @@ def fetch_model(
                     + offline_help(repo, filename, dest, base_url)
                 ) from exc
             raise FetchError(f"downloading {url} failed: {exc.reason}") from exc
-        _verify(part, dest, total, want)
+        if want is not None and published is not None and published != want:
+            # Verified below against the configured value; the difference is worth a word,
+            # since it usually means the file was updated upstream.
+            print(f"note: the server publishes SHA-256 {published} for {dest.name}, "
+                  f"the configured one is {want}", file=out or sys.stderr)
+        checked = want or published
+        _verify(part, dest, total, checked)
+        if out is not None and checked is not None:
+            source = "as configured" if want is not None else "as published by the server"
+            print(f"{dest.name}: SHA-256 verified ({checked}, {source})", file=out)
         os.replace(part, dest)
         return dest
     received = part.stat().st_size if part.exists() else 0
@@ -178,18 +217,25 @@ def fetch_model(
     )
 
 
-def _download(url: str, part: Path, timeout: float, out: TextIO | None, label: str) -> int | None:
-    """Append the missing bytes of ``url`` to ``part``; returns the total size if announced."""
+def _download(url: str, part: Path, timeout: float, out: TextIO | None,
+              label: str) -> tuple[int | None, str | None]:
+    """Append the missing bytes of ``url`` to ``part``.
+
+    Returns the total size if announced and the SHA-256 the server published, if any.
+    """
     offset = part.stat().st_size if part.exists() else 0
+    redirects = _RecordRedirects()
     try:
-        response = _open(url, offset, timeout)
+        response = _open(url, offset, timeout, redirects)
     except urllib.error.HTTPError as exc:
         if exc.code != 416 or not offset:
             raise
         # Nothing left to send for this offset: the .part file is complete (or too long; the
         # size check below sorts that out).
         match = _CONTENT_RANGE.match(exc.headers.get("Content-Range", ""))
-        return int(match.group(3)) if match and match.group(3) != "*" else offset
+        size = int(match.group(3)) if match and match.group(3) != "*" else offset
+        return size, _published_sha256(exc.headers) or redirects.sha256
+    published = _published_sha256(response.headers) or redirects.sha256
     with response:
         total: int | None = None
         if response.status == 206:
@@ -215,7 +261,7 @@ def _download(url: str, part: Path, timeout: float, out: TextIO | None, label: s
         if total is not None and done < total:
             raise http.client.IncompleteRead(b"", total - done)
         bar.update(done, final=True)
-        return total
+        return total, published
 
 
 def _verify(part: Path, dest: Path, total: int | None, want: str | None) -> None:
@@ -229,4 +275,5 @@ def _verify(part: Path, dest: Path, total: int | None, want: str | None) -> None
         if got != want:
             part.unlink(missing_ok=True)
             raise FetchError(f"{dest.name}: SHA-256 mismatch (expected {want}, got {got}); "
-                             "the download was discarded. Check model.fetch_sha256 / --sha256.")
+                             "the download was discarded: run the fetch again, and if it "
+                             "keeps failing check model.fetch_sha256 / --sha256.")

@@ -20,6 +20,7 @@ from bot.llm.fetch import FetchError, fetch_model
 REPO = "Qwen/Qwen1.5-0.5B-Chat-GGUF"
 NAME = "model.gguf"
 PAYLOAD = bytes(range(256)) * 12_000  # ~3 MB: several read chunks, so progress is exercised
+DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 @dataclass
@@ -31,6 +32,10 @@ class FakeHub:
     # Bytes sent before the first response is cut off (None = send everything).
     cut_first_after: int | None = None
     requests: list[tuple[str, str | None]] = field(default_factory=list)
+    # As huggingface.co serves LFS files: a 302 to a CDN, the checksum in X-Linked-Etag.
+    redirect_to_cdn: bool = False
+    cut_done: bool = False
+    linked_etag: str | None = None
 
 
 def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
@@ -41,7 +46,17 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             rng = self.headers.get("Range")
             hub.requests.append((self.path, rng))
-            if self.path != f"/{REPO}/resolve/main/{NAME}":
+            if self.path == f"/{REPO}/resolve/main/{NAME}" and hub.redirect_to_cdn:
+                self.send_response(302)
+                self.send_header("Location", f"/cdn/{NAME}?signed=1")
+                if hub.linked_etag is not None:
+                    self.send_header("X-Linked-Etag", hub.linked_etag)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            served = (f"/cdn/{NAME}?signed=1" if hub.redirect_to_cdn
+                      else f"/{REPO}/resolve/main/{NAME}")
+            if self.path != served:
                 self.send_error(404, "Entry not found")
                 return
             start = 0
@@ -61,7 +76,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(hub.body) - start))
             self.end_headers()
             data = hub.body[start:]
-            if hub.cut_first_after is not None and len(hub.requests) == 1:
+            if hub.cut_first_after is not None and not hub.cut_done:
+                hub.cut_done = True
                 # A dropped connection: the promised length never arrives.
                 self.wfile.write(data[:hub.cut_first_after])
                 self.wfile.flush()
@@ -102,7 +118,48 @@ def test_full_download_with_checksum_and_progress(hub: tuple[FakeHub, str],
     assert state.requests == [(f"/{REPO}/resolve/main/{NAME}", None)]
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue()  # not a terminal: plain lines
-    assert lines[-1].startswith(f"{NAME}: 100.0% 3.1/3.1 MB") and lines[-1].endswith("MB/s")
+    assert lines[-2].startswith(f"{NAME}: 100.0% 3.1/3.1 MB") and lines[-2].endswith("MB/s")
+    assert lines[-1] == f"{NAME}: SHA-256 verified ({DIGEST}, as configured)"
+
+
+def test_the_checksum_the_hub_publishes_is_checked_without_configuration(
+        hub: tuple[FakeHub, str], tmp_path: Path) -> None:
+    state, url = hub
+    state.redirect_to_cdn, state.linked_etag = True, f'"{DIGEST}"'
+    log = io.StringIO()
+    path = fetch_model(REPO, NAME, tmp_path, base_url=url, stream=log)
+    assert path.read_bytes() == PAYLOAD
+    assert [p for p, _ in state.requests] == [f"/{REPO}/resolve/main/{NAME}",
+                                              f"/cdn/{NAME}?signed=1"]
+    assert log.getvalue().splitlines()[-1] == (
+        f"{NAME}: SHA-256 verified ({DIGEST}, as published by the server)")
+
+
+def test_a_download_that_differs_from_the_published_checksum_is_discarded(
+        hub: tuple[FakeHub, str], tmp_path: Path) -> None:
+    state, url = hub
+    state.redirect_to_cdn = True
+    state.linked_etag = hashlib.sha256(b"what the hub holds").hexdigest()
+    with pytest.raises(FetchError, match="SHA-256 mismatch"):
+        fetch_model(REPO, NAME, tmp_path, base_url=url, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resumed_download_keeps_the_published_checksum(hub: tuple[FakeHub, str],
+                                                        tmp_path: Path) -> None:
+    state, url = hub
+    state.redirect_to_cdn, state.cut_first_after = True, 500_000
+    state.linked_etag = hashlib.sha256(b"what the hub holds").hexdigest()
+    with pytest.raises(FetchError, match="SHA-256 mismatch"):
+        fetch_model(REPO, NAME, tmp_path, base_url=url, progress=False)
+    assert [r for _, r in state.requests] == [None, None, "bytes=500000-", "bytes=500000-"]
+
+
+def test_a_git_sha1_etag_is_not_taken_for_a_checksum(hub: tuple[FakeHub, str],
+                                                     tmp_path: Path) -> None:
+    state, url = hub
+    state.redirect_to_cdn, state.linked_etag = True, '"' + "a" * 40 + '"'
+    assert fetch_model(REPO, NAME, tmp_path, base_url=url, progress=False).read_bytes() == PAYLOAD
 
 
 class _Terminal(io.StringIO):
