@@ -316,6 +316,10 @@ def _handler(args: argparse.Namespace) -> int:
         from analytics.loop_simulation import run_from_args
 
         return run_from_args(args)
+    if getattr(args, "check_gbstats", None):
+        return _check_gbstats(args)
+    if args.runs is None:
+        args.runs = 1000
     if args.runs < 1:
         print("simulate: --runs must be at least 1", file=sys.stderr)
         return 2
@@ -342,6 +346,30 @@ def _handler(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_gbstats(args: argparse.Namespace) -> int:
+    from analytics.gbstats_check import GbstatsUnavailable, compare, simulated_counts
+
+    runs = 20 if args.runs is None else args.runs
+    if runs < 1:
+        print("simulate: --runs must be at least 1", file=sys.stderr)
+        return 2
+    counts = simulated_counts(runs, args.seed)
+    try:
+        agreement = compare(args.check_gbstats, counts)
+    except GbstatsUnavailable as exc:
+        print(f"simulate: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(agreement.as_json(), indent=2))
+    else:
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in agreement.max_abs_diff.items())
+        print(f"GrowthBook column vs gbstats on {agreement.looks} looks of {agreement.runs} "
+              f"simulated runs (every scenario and effect): largest differences {diffs}; "
+              f"{agreement.flag_disagreements} looks and {agreement.decision_disagreements} "
+              f"runs decided differently: {'they agree' if agreement.ok else 'THEY DIFFER'}")
+    return 0 if agreement.ok else 1
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
         "simulate",
@@ -349,10 +377,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--runs", type=int, default=1000, help="runs per scenario and effect")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="runs per scenario and effect (default 1000; 20 with "
+                             "--check-gbstats)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), default=None,
                         metavar="NAME", help=f"subset of {', '.join(SCENARIOS)}")
+    parser.add_argument("--check-gbstats", metavar="PYTHON", default=None,
+                        help="instead of the benchmark, compare its GrowthBook column with "
+                             "gbstats 0.8.0 run by PYTHON (an interpreter of a separate "
+                             "environment with `pip install gbstats==0.8.0`: it needs numpy<2)")
     from analytics.loop_simulation import add_loop_arguments
 
     add_loop_arguments(parser)
