@@ -36,7 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    _accept_config_everywhere(parser)
     return parser
+
+
+def _accept_config_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Let ``--config`` follow any subcommand too (``loopbot console --config X``).
+
+    SUPPRESS as the default: a subcommand given no ``--config`` keeps the global one.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if "--config" not in sub._option_string_actions:
+                    sub.add_argument("--config", default=argparse.SUPPRESS,
+                                     help="YAML settings file (default: $LOOPBOT_CONFIG)")
+                _accept_config_everywhere(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

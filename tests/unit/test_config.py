@@ -76,3 +76,27 @@ def test_bad_environment_value_names_the_variable() -> None:
 def test_missing_config_file_is_clear(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.yaml", env={})
+
+
+@pytest.mark.parametrize("argv", [
+    ["console", "--config", "CFG"],
+    ["--config", "CFG", "console"],
+    ["report", "--config", "CFG"],
+    ["prompts", "list", "--config", "CFG"],
+])
+def test_config_flag_is_read_before_or_after_the_command(
+        tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from bot.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  n_ctx: many\n", encoding="utf-8")
+    assert main([str(cfg) if a == "CFG" else a for a in argv]) == 2
+    assert "model.n_ctx: expected an integer, got 'many'" in capsys.readouterr().err
+
+
+def test_a_command_level_config_overrides_the_global_one(tmp_path: Path) -> None:
+    from bot.cli import build_parser
+
+    args = build_parser().parse_args(["--config", "a.yaml", "console", "--config", "b.yaml"])
+    assert args.config == "b.yaml"
+    assert build_parser().parse_args(["--config", "a.yaml", "console"]).config == "a.yaml"
