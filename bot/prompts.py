@@ -29,7 +29,9 @@ class PromptError(ValueError):
         self.path = str(path)
         self.field = field_name
         self.problem = problem
-        super().__init__(f"{path}: field '{field_name}': {problem}")
+        # A syntax error has no field yet: its place is a line.
+        place = field_name if field_name.startswith(("line ", "<")) else f"field '{field_name}'"
+        super().__init__(f"{path}: {place}: {problem}")
 
 
 @dataclass(frozen=True)

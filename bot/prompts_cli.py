@@ -64,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser = subparsers.add_parser("prompts", help="list, validate or show prompt versions")
     parser.add_argument("action", choices=["list", "validate", "show"])
     parser.add_argument("id", nargs="?", help="version id (for show)")
-    parser.add_argument("--dir", default=None, help="prompts directory (default: configured)")
+    parser.add_argument("--dir", "--prompts", dest="dir", default=None,
+                        help="prompts directory (default: configured)")
     parser.add_argument("--db", default=None, help="database, to show each version's state")
     parser.set_defaults(func=run)

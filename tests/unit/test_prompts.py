@@ -59,7 +59,7 @@ def test_malformed_versions_name_file_and_field(tmp_path: Path, mutate: object,
 
 def test_broken_yaml_names_the_line(tmp_path: Path) -> None:
     path = write(tmp_path, "v9", "id: v9\nlabels: [a, b\nsystem: x\n")
-    with pytest.raises(PromptError, match=r"v9\.yaml: field 'line \d+'"):
+    with pytest.raises(PromptError, match=r"v9\.yaml: line \d+: is not valid YAML"):
         load_version(path)
     assert len(validate_directory(tmp_path)) == 1
 
