@@ -7,12 +7,14 @@ No Telegram types in here: callers pass plain ids and texts.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import io
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -56,6 +58,7 @@ class UserRateLimiter:
         self.window_s = window_s
         self._clock = clock
         self._seen: dict[int, deque[float]] = {}
+        self._warned: dict[int, float] = {}
 
     def allow(self, user_id: int) -> bool:
         if self.limit <= 0:
@@ -70,7 +73,42 @@ class UserRateLimiter:
         if len(self._seen) > 10_000:
             # Forget idle users so the map cannot grow without end.
             self._seen = {u: t for u, t in self._seen.items() if t and now - t[-1] < self.window_s}
+            self._warned = {u: t for u, t in self._warned.items() if now - t < self.window_s}
         return True
+
+    def warn_once(self, user_id: int) -> bool:
+        """Whether a refused user should be told now: once per window, so that a flood of
+        messages does not become a flood of notices."""
+        now = self._clock()
+        last = self._warned.get(user_id)
+        if last is not None and now - last < self.window_s:
+            return False
+        self._warned[user_id] = now
+        return True
+
+
+class UserLocks:
+    """One asyncio lock per user, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, user_id: int) -> AsyncIterator[None]:
+        lock, users = self._locks.get(user_id, (asyncio.Lock(), 0))
+        self._locks[user_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[user_id]
+            if users == 1:
+                del self._locks[user_id]
+            else:
+                self._locks[user_id] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 @dataclass(frozen=True)
@@ -155,6 +193,9 @@ class Service:
         self.versions = dict(prompt_versions)
         tg = settings.telegram
         self.rate_limiter = UserRateLimiter(tg.user_rate_limit, tg.user_rate_window_s)
+        # A message is stored seconds after it arrives (the model runs in between); /forget
+        # waits for the user's messages in flight so that none is stored after it.
+        self.user_locks = UserLocks()
 
     async def start(self) -> str:
         """Make sure a version is active and tests of edited prompt files restart; returns
@@ -173,6 +214,9 @@ class Service:
 
     def allow(self, user_id: int) -> bool:
         return self.rate_limiter.allow(user_id)
+
+    def warn_once(self, user_id: int) -> bool:
+        return self.rate_limiter.warn_once(user_id)
 
     async def route(self, user_id: int) -> tuple[PromptVersion, routing.Assignment]:
         state = await versions.load(self.store.db)
@@ -193,6 +237,10 @@ class Service:
     async def classify(self, msg: IncomingText, *, with_verdict: bool = True) -> Classified:
         """Verdict for a new message, stored before it is shown. A message seen before is
         returned as stored (``duplicate``) without running the model again."""
+        async with self.user_locks.hold(msg.user_id):
+            return await self._classify(msg, with_verdict=with_verdict)
+
+    async def _classify(self, msg: IncomingText, *, with_verdict: bool) -> Classified:
         existing = await self.store.find_interaction(msg.chat_id, msg.message_id)
         if existing is not None:
             return Classified(existing, self.version_of(existing), None, duplicate=True)
@@ -339,7 +387,8 @@ class Service:
         return ("\ufeff" + out.getvalue()).encode("utf-8"), len(rows)
 
     async def forget_user(self, user_id: int) -> ForgetResult:
-        result = await self.store.forget_user(user_id)
+        async with self.user_locks.hold(user_id):
+            result = await self.store.forget_user(user_id)
         log.info("user %s forgotten: %s", user_id, result)
         return result
 

@@ -213,10 +213,12 @@ class Store:
                     "UPDATE interactions SET verdict_message_id = ? WHERE id = ?",
                     (message_ids[0], interaction_id),
                 )
+            # The interaction may be gone already (/forget while the reply was generated):
+            # then there is nothing to attach the messages to.
             await conn.executemany(
                 "INSERT OR IGNORE INTO bot_messages (chat_id, message_id, interaction_id, kind)"
-                " VALUES (?, ?, ?, ?)",
-                [(chat_id, mid, interaction_id, kind) for mid in message_ids],
+                " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM interactions WHERE id = ?)",
+                [(chat_id, mid, interaction_id, kind, interaction_id) for mid in message_ids],
             )
 
     async def set_reply(self, interaction_id: int, text: str, latency_ms: float) -> None:
@@ -253,15 +255,19 @@ class Store:
         """One vote per user and interaction; a second click changes it. Returns the stored
         row after the transaction committed."""
         at = time.time() if now is None else now
+        # "Wrong" clicked again after the right label was picked keeps that label: a re-tap
+        # must not erase the correction mining and credibility learn from.
+        label = ("CASE WHEN excluded.correct = 0 AND excluded.correct_label IS NULL"
+                 " AND correct = 0 THEN correct_label ELSE excluded.correct_label END")
         async with self.db.transaction() as conn:
             await conn.execute(
                 "INSERT INTO votes (interaction_id, user_id, correct, correct_label, created_at,"
                 " updated_at, first_correct) VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (interaction_id, user_id) DO UPDATE SET"
-                " correct = excluded.correct, correct_label = excluded.correct_label,"
+                f" correct = excluded.correct, correct_label = {label},"
                 " updated_at = excluded.updated_at,"
                 " changes = changes + (correct IS NOT excluded.correct"
-                "   OR correct_label IS NOT excluded.correct_label)",
+                f"   OR correct_label IS NOT {label})",
                 (interaction_id, user_id, int(correct), correct_label, at, at, int(correct)),
             )
             row = await fetchone(

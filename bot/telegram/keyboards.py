@@ -76,3 +76,16 @@ def label_keyboard(interaction: Interaction, lang: str, vote: Vote | None = None
         rows.append([InlineKeyboardButton(text, callback_data=encode(interaction.id, index))])
     rows.append(list(verdict_keyboard(interaction.id, lang, vote).inline_keyboard[0]))
     return InlineKeyboardMarkup(rows)
+
+
+def language_of_keyboard(markup: InlineKeyboardMarkup | None) -> str | None:
+    """The language a verdict keyboard was drawn in (from its ✅ button), if it is ours."""
+    if markup is None:
+        return None
+    for row in markup.inline_keyboard:
+        for button in row:
+            for lang in (texts.ZH, texts.EN):
+                if button.text.startswith(texts.t("btn_correct", lang)):
+                    return lang
+    return None
+

@@ -52,6 +52,12 @@ _TEXTS: dict[str, dict[str, str]] = {
         ZH: "已删除：{interactions} 条消息，{votes} 条反馈，{reactions} 个表情。",
         EN: "Deleted: {interactions} messages, {votes} votes, {reactions} reactions.",
     },
+    "forget_not_anonymous": {
+        ZH: "这条命令是以群组或频道的名义发送的，无法确定是谁。"
+            "请用你自己的账号私聊我发送 /forget。",
+        EN: "This command was sent on behalf of a group or channel, so I cannot tell whose "
+            "data it means. Send /forget from your own account in a private chat with me.",
+    },
     "verdict": {ZH: "{emoji} {label} · {percent}%", EN: "{emoji} {label} · {percent}%"},
     "btn_correct": {ZH: "✅ 对", EN: "✅ right"},
     "btn_wrong": {ZH: "❌ 错", EN: "❌ wrong"},

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import time
 from functools import partial
 from typing import Any
 
@@ -235,16 +236,29 @@ def test_groups_answer_only_when_addressed(bot: BotHarness, fake_api: FakeBotAPI
                      (group,)) == [("is this nice?",), ("and this?",)]
 
 
-def test_flooding_user_gets_a_notice(bot: BotHarness, fake_api: FakeBotAPI) -> None:
+def test_flooding_user_gets_one_notice(bot: BotHarness, fake_api: FakeBotAPI) -> None:
     user = fake_api.user(110, "en")
     limit = bot.settings.telegram.user_rate_limit
-    for i in range(limit + 1):
+    for i in range(limit + 4):
         fake_api.send_text(user, f"message {i}")
+    sticker = fake_api.user_message(user)
+    sticker["sticker"] = {"file_id": "s2", "file_unique_id": "s2", "type": "regular",
+                          "width": 512, "height": 512, "is_animated": False,
+                          "is_video": False}
+    sticker_update = fake_api.push({"message": sticker})["update_id"]
     fake_api.wait_for(lambda: any("a bit fast" in t for t in _texts_to(fake_api, 110)))
     # Reply message ids are stored after the last piece was sent: nothing is left in flight.
     fake_api.wait_for(lambda: bot.query(
         "SELECT COUNT(DISTINCT interaction_id) FROM bot_messages"
         " WHERE chat_id = 110 AND kind = 'reply'") == [(limit,)], timeout=30)
+    # The sticker was fetched (its update confirmed); its handler answers at once if at all.
+    fake_api.wait_for(lambda: any(int(c.params.get("offset", 0)) > sticker_update
+                                  for c in fake_api.calls_to("getUpdates")))
+    time.sleep(0.5)
+    said = _texts_to(fake_api, 110)
+    # Four refused texts and a refused sticker: one notice, not five.
+    assert sum("a bit fast" in t for t in said) == 1
+    assert not any("only read text" in t for t in said)
 
 
 def test_a_429_from_the_api_is_retried(bot: BotHarness, fake_api: FakeBotAPI) -> None:
@@ -330,3 +344,45 @@ def test_report_and_approve_for_admins(bot: BotHarness, fake_api: FakeBotAPI) ->
     fake_api.send_text(outsider, "/approve v1-zh")
     fake_api.wait_for(lambda: _texts_to(fake_api, 132))
     assert bot.query("SELECT COUNT(*) FROM candidate_proposals") == [(0,)]
+
+
+def test_a_group_keyboard_keeps_its_language_and_marks_nobody(bot: BotHarness,
+                                                              fake_api: FakeBotAPI) -> None:
+    group, author, voter = -5100, fake_api.user(120, "zh"), fake_api.user(121, "en")
+    handle = "@loopbot_test_bot"
+    fake_api.send_text(author, f"{handle} 这家店不错", chat_id=group, chat_type="group",
+                       entities=[{"type": "mention", "offset": 0, "length": len(handle)}])
+    verdict, _ = _messages(fake_api, group, 2)
+    (row,) = verdict["reply_markup"]["inline_keyboard"]
+    assert [b["text"] for b in row] == ["✅ 对", "❌ 错"]
+    click = fake_api.click(voter, verdict, row[0]["callback_data"])
+    # The voter is answered in their language; the shared keyboard stays as it was.
+    assert _answers(fake_api, click) == ["Thanks! Recorded as right ✅"]
+    assert bot.query("SELECT v.user_id, v.correct FROM votes v JOIN interactions i"
+                     " ON i.id = v.interaction_id WHERE i.chat_id = ?", (group,)) == [(121, 1)]
+    assert fake_api.calls_to("editMessageReplyMarkup", chat_id=str(group)) == []
+
+
+ANONYMOUS_ADMIN = {"id": 1087968824, "is_bot": True, "first_name": "Group",
+                   "username": "GroupAnonymousBot"}
+
+
+def test_anonymous_admins_speak_for_their_group(bot: BotHarness, fake_api: FakeBotAPI) -> None:
+    group = -5200
+    handle = "@loopbot_test_bot"
+    message = fake_api.user_message(ANONYMOUS_ADMIN, chat_id=group, chat_type="supergroup")
+    message.update(text=f"{handle} great news", sender_chat=fake_api.chat(group, "supergroup"),
+                   entities=[{"type": "mention", "offset": 0, "length": len(handle)}])
+    fake_api.push({"message": message})
+    _messages(fake_api, group, 2)
+    # Stored under the group it speaks for, not the service account all such senders share.
+    assert bot.query("SELECT user_id FROM interactions WHERE chat_id = ?", (group,)) == [
+        (group,)]
+    forget = fake_api.user_message(ANONYMOUS_ADMIN, chat_id=group, chat_type="supergroup")
+    forget.update(text="/forget", sender_chat=fake_api.chat(group, "supergroup"),
+                  entities=[{"type": "bot_command", "offset": 0, "length": 7}])
+    fake_api.push({"message": forget})
+    fake_api.wait_for(lambda: any("on behalf of a group" in t
+                                  for t in _texts_to(fake_api, group)))
+    assert bot.query("SELECT COUNT(*) FROM interactions WHERE chat_id = ?", (group,)) == [(1,)]
+

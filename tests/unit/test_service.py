@@ -4,6 +4,9 @@ Votes never touch the model, so the runtime here is a real, never-started ModelR
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 from bot.config import Settings
 from bot.llm.runtime import ModelRuntime
 from bot.prompts import load_directory
-from bot.service import CORRECT, WRONG, Service
+from bot.service import CORRECT, WRONG, IncomingText, Service, UserRateLimiter
 from bot.store.queries import Interaction, NewInteraction, Store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,6 +62,20 @@ async def test_wrong_with_three_labels_asks_for_the_right_one(service: Service) 
     assert len(await service.store.votes_for(inter.id)) == 1
 
 
+async def test_wrong_clicked_again_keeps_the_picked_label(service: Service) -> None:
+    inter = await _shown(service, 5, LABELS3)
+    for choice in (WRONG, 2, WRONG):  # a double tap on ❌ after picking the right label
+        out = await service.record_vote(inter.id, 5, choice, chat_id=10, message_id=1005)
+        assert out.ok
+    (vote,) = await service.store.votes_for(inter.id)
+    assert (vote.correct, vote.correct_label, vote.changes) == (False, "neg", 1)
+    # Changing one's mind still works both ways.
+    await service.record_vote(inter.id, 5, CORRECT, chat_id=10, message_id=1005)
+    await service.record_vote(inter.id, 5, WRONG, chat_id=10, message_id=1005)
+    (vote,) = await service.store.votes_for(inter.id)
+    assert (vote.correct, vote.correct_label, vote.changes) == (False, None, 3)
+
+
 async def test_votes_are_checked_against_what_was_shown(service: Service) -> None:
     inter = await _shown(service, 3, LABELS3)
     cases: list[tuple[int, str | int, int, int, str]] = [
@@ -91,3 +108,49 @@ async def test_stats_and_export(service: Service) -> None:
     assert report.accuracy.low < 1.0 == report.accuracy.high
     data, rows = await service.export_votes_csv()
     assert rows == 1 and data.decode("utf-8-sig").splitlines()[0].startswith("interaction_id,")
+
+
+async def test_forget_waits_for_the_users_message_in_flight(tiny_gguf: Path,
+                                                            tmp_path: Path) -> None:
+    # /forget sent while the user's last message is still with the model: that message
+    # must not be stored after the user was told everything is deleted.
+    settings = Settings()
+    settings.model = dataclasses.replace(settings.model, n_threads=2, n_ctx=1024)
+    store = await Store.open(tmp_path / "f.db")
+    runtime = ModelRuntime(tiny_gguf, settings.model)
+    await runtime.start()
+    svc = Service(settings, store, runtime, load_directory(ROOT / "prompts"))
+    await svc.start()
+    release = threading.Event()
+    busy = asyncio.create_task(runtime.call(lambda _backend: release.wait(10), timeout=20))
+    try:
+        message = asyncio.create_task(svc.classify(IncomingText(
+            chat_id=7, user_id=7, message_id=1, text="secret text")))
+        await asyncio.sleep(0.2)
+        forget = asyncio.create_task(svc.forget_user(7))
+        await asyncio.sleep(0.2)
+        assert not message.done() and not forget.done()
+        release.set()
+        classified = await message
+        result = await forget
+        assert result.interactions == 1
+        assert await store.db.fetchall("SELECT text FROM interactions") == []
+        # The handler goes on to note its verdict message: nothing to attach it to any more.
+        await svc.note_messages(classified.interaction.id, 7, "verdict", [50])
+        assert await store.db.fetchall("SELECT * FROM bot_messages") == []
+        assert len(svc.user_locks) == 0
+    finally:
+        release.set()
+        await busy
+        await runtime.close()
+        await store.close()
+
+
+def test_a_refused_user_is_told_once_per_window() -> None:
+    now = [0.0]
+    limiter = UserRateLimiter(1, 10.0, clock=lambda: now[0])
+    assert limiter.allow(1) and not limiter.allow(1)
+    assert limiter.warn_once(1) and not limiter.warn_once(1) and limiter.warn_once(2)
+    now[0] = 10.0
+    assert limiter.warn_once(1)
+

@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 
 from telegram import Message, Update
+from telegram.constants import ChatType
 from telegram.error import BadRequest
 from telegram.ext import ContextTypes
 
+from bot.store.queries import Vote
 from bot.telegram import keyboards, texts
 from bot.telegram.state import state_of
 
@@ -47,10 +49,18 @@ async def on_vote(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     else:
         note = texts.t("vote_thanks_wrong", lang)
     await query.answer(note)
+    shown: Vote | None = vote
+    if message.chat.type != ChatType.PRIVATE:
+        # Everybody in a group sees one keyboard: it keeps the language it was drawn in and
+        # marks nobody's vote (each voter got their own answer above).
+        lang = keyboards.language_of_keyboard(message.reply_markup) or lang
+        shown = None
     if len(interaction.labels) > 2 and not vote.correct:
-        markup = keyboards.label_keyboard(interaction, lang, vote)
+        markup = keyboards.label_keyboard(interaction, lang, shown)
     else:
-        markup = keyboards.verdict_keyboard(interaction.id, lang, vote)
+        markup = keyboards.verdict_keyboard(interaction.id, lang, shown)
+    if markup == message.reply_markup:
+        return  # a group's keyboard after another vote: nothing to redraw
     try:
         await query.edit_message_reply_markup(markup)
     except BadRequest as exc:

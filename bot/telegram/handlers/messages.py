@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 
-from telegram import Bot, Message, MessageEntity, ReplyParameters, Update
+from telegram import Bot, Message, MessageEntity, ReplyParameters, Update, User
 from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest, TelegramError
 from telegram.ext import ContextTypes
@@ -37,6 +37,12 @@ def addressed_text(message: Message, bot_id: int, bot_username: str) -> str | No
                 and entity.user.id == bot_id):
             return text.replace(value, " ").strip()
     return None
+
+
+def sender_id(message: Message, user: User) -> int:
+    """Whose message it is. Anonymous group admins and users posting as a channel all
+    arrive from one shared service account; the chat they speak for is the sender."""
+    return message.sender_chat.id if message.sender_chat is not None else user.id
 
 
 def _reply_to(message: Message) -> ReplyParameters:
@@ -69,13 +75,15 @@ async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
             return
     if not text or not text.strip():
         return
-    if not service.allow(user.id):
-        await message.reply_text(texts.t("rate_limited", lang), do_quote=False)
+    sender = sender_id(message, user)
+    if not service.allow(sender):
+        if service.warn_once(sender):
+            await message.reply_text(texts.t("rate_limited", lang), do_quote=False)
         return
     respond = state.settings.telegram.respond_with
     try:
         classified = await service.classify(
-            IncomingText(chat_id=chat.id, user_id=user.id, message_id=message.message_id,
+            IncomingText(chat_id=chat.id, user_id=sender, message_id=message.message_id,
                          text=text, chat_type=chat.type, update_id=update.update_id),
             with_verdict=respond != "reply",
         )
@@ -198,4 +206,12 @@ async def on_other(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if replied is None or replied.from_user is None or replied.from_user.id != context.bot.id:
             return
     lang = texts.language_of(user.language_code if user else None)
+    if user is not None:
+        service = state_of(context).require_service()
+        sender = sender_id(message, user)
+        # Stickers count against the same limit as texts: a flood gets one notice.
+        if not service.allow(sender):
+            if service.warn_once(sender):
+                await message.reply_text(texts.t("rate_limited", lang), do_quote=False)
+            return
     await message.reply_text(texts.t("non_text", lang), do_quote=False)

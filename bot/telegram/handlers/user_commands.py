@@ -44,6 +44,11 @@ async def forget(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     message, user = update.effective_message, update.effective_user
     if message is None or user is None:
         return
+    if message.sender_chat is not None:
+        # Sent on behalf of a chat: the shared service account it comes from is nobody's.
+        await message.reply_text(texts.t("forget_not_anonymous", _lang(update)),
+                                 do_quote=False)
+        return
     result = await state_of(context).require_service().forget_user(user.id)
     await message.reply_text(
         texts.t("forgotten", _lang(update), interactions=result.interactions,
