@@ -325,11 +325,14 @@ def evaluate(
     config: DecisionConfig,
     concurrent_candidates: int = 1,
     current_share: npt.ArrayLike | None = None,
+    max_share: float = 1.0,
 ) -> Trajectory:
     """The decision each hourly look takes, for every experiment of the batch.
 
     ``current_share`` (batch, hours) is the share in force at each look (default: the planned
-    share of that hour); only the ramp rule reads it.
+    share of that hour); only the ramp rule reads it. ``max_share`` is the most the
+    candidate's range can grow to where other candidates' ranges lie: the plan's share is
+    capped there, so a ramp is only proposed when routing can carry it out.
     """
     data.validate()
     k = max(1, int(concurrent_candidates))
@@ -383,8 +386,11 @@ def evaluate(
     vote_rate_ratio = _ratio(rate_b, rate_a)
     react_a = (cum["up_a"] + cum["down_a"]).astype(np.float64)
     react_b = (cum["up_b"] + cum["down_b"]).astype(np.float64)
-    down_ratio = _ratio(_ratio(cum["down_b"].astype(np.float64), react_b),
-                        _ratio(cum["down_a"].astype(np.float64), react_a))
+    down_share_a = _ratio(cum["down_a"].astype(np.float64), react_a)
+    down_share_b = _ratio(cum["down_b"].astype(np.float64), react_b)
+    # No 👎 at all on the active arm and some on the candidate's is the clearest rise of all.
+    down_ratio = np.where((down_share_a == 0) & (down_share_b > 0), np.inf,
+                          _ratio(down_share_b, down_share_a))
     latency_ratio = _ratio(_ratio(cum["latency_sum_b"], cum["latency_n_b"].astype(np.float64)),
                            _ratio(cum["latency_sum_a"], cum["latency_n_a"].astype(np.float64)))
 
@@ -421,7 +427,8 @@ def evaluate(
     horizon_better = config.horizon_fallback & (mh_z >= config.horizon_z(k))
     horizon_worse = config.horizon_fallback & (mh_z <= -config.horizon_revert_z(k))
 
-    target = np.array([config.target_share(float(e), k) for e in elapsed[0]])[None, :]
+    target = np.minimum(
+        np.array([config.target_share(float(e), k) for e in elapsed[0]])[None, :], max_share)
     share_now = (np.asarray(data.planned_share, dtype=np.float64) if current_share is None
                  else np.broadcast_to(np.asarray(current_share, dtype=np.float64),
                                       (batch, hours)))
@@ -518,6 +525,8 @@ class ExperimentSnapshot:
     concurrent_candidates: int = 1
     content_changed: bool = False
     design_effect: float = 1.0
+    # The largest share the candidate's bucket range can grow to (routing.room).
+    max_share: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -596,7 +605,7 @@ def decide(snapshot: ExperimentSnapshot, config: DecisionConfig) -> Decision:
         return Decision(action="hold", rule="collecting", reason="the test has no completed "
                         "hour yet", stats={"elapsed_hours": 0})
     arrays, current = snapshot_arrays(snapshot)
-    traj = evaluate(arrays, config, k, current)
+    traj = evaluate(arrays, config, k, current, max_share=snapshot.max_share)
     i = elapsed - 1
     action = int(traj.action[0, i])
     rule = RULES[int(traj.rule[0, i])]
@@ -659,8 +668,10 @@ def _reason(rule: str, snap: ExperimentSnapshot, cfg: DecisionConfig, s: dict[st
                 f"{s['srm_e']:.3g} ≥ "
                 f"{s['srm_threshold']:.0f}); test frozen for a person to check routing")
     if rule == "reactions":
-        return (f"👎 on {snap.candidate_id}'s replies {s['down_ratio']:.2f}× the active "
-                f"version's (e-value {s['reactions_e']:.3g}); reverting")
+        how_much = ("while the active version's replies got none" if math.isinf(
+            s["down_ratio"]) else f"{s['down_ratio']:.2f}× the active version's")
+        return (f"👎 on {snap.candidate_id}'s replies {how_much} "
+                f"(e-value {s['reactions_e']:.3g}); reverting")
     if rule == "latency":
         return (f"{snap.candidate_id} is {s['latency_ratio']:.2f}× slower than "
                 f"{snap.active_id} (limit {cfg.latency_max_ratio}×); reverting")

@@ -66,7 +66,7 @@ from analytics.decide import (
     describe_next_step,
 )
 from analytics.stats import cap_vote_records, design_effect
-from bot import versions
+from bot import routing, versions
 from bot.prompts import PromptVersion
 from bot.store.db import Database
 
@@ -227,23 +227,31 @@ async def build_experiment(
     now_hour = int(now // HOUR_S)
     end = now_hour * HOUR_S
     arm_of = {a_id: 0, b_id: 1}
-    others = [c.version_id for c in deployment.candidates if c.version_id != b_id]
+    # Every other version that held a candidate share at some time, running now or not: a
+    # past hour is judged by the slices served then (share_at is 0 outside their periods).
+    others = [v for v in timeline.changes if v not in (a_id, b_id)]
     hours: dict[int, _Hour] = defaultdict(_Hour.empty)
 
     rows = await db.fetchall(
-        "SELECT user_id, version_id, created_at, label IS NOT NULL AS verdict,"
+        "SELECT id, user_id, version_id, created_at, label IS NOT NULL AS verdict,"
         " reply_latency_ms FROM interactions"
         " WHERE version_id IN (?, ?) AND created_at >= ? AND created_at < ?"
         " ORDER BY created_at, id", (a_id, b_id, start, end))
-    seen: set[int] = set()
+    # The sample-ratio test counts new users only: one whose first message ever is in this
+    # test has a uniformly hashed bucket. A returning user's bucket is not uniform given
+    # their history (e.g. the users of a retired candidate all come back to the active arm).
+    first_ids: dict[int, int] = {int(u): int(i) for u, i in await db.fetchall(
+        "SELECT user_id, MIN(id) FROM interactions WHERE user_id IN ("
+        "  SELECT user_id FROM interactions"
+        "  WHERE version_id IN (?, ?) AND created_at >= ? AND created_at < ?)"
+        " GROUP BY user_id", (a_id, b_id, start, end))}
     for r in rows:
         arm = arm_of[r["version_id"]]
         at = float(r["created_at"])
         h = hours[int(at // HOUR_S)]
         if r["verdict"]:
             h.served[arm] += 1
-        if r["user_id"] not in seen:
-            seen.add(r["user_id"])
+        if first_ids.get(r["user_id"]) == r["id"]:
             h.new_users[arm] += 1
             h.new_share_sum += timeline.conditional_share(candidate, others, at)
         if r["reply_latency_ms"] is not None:
@@ -291,6 +299,9 @@ async def build_experiment(
         # Hours without a new user still need a share for the strata boundaries.
         share = (h.new_share_sum / new if new else
                  timeline.conditional_share(candidate, others, (hour + 1) * HOUR_S - 1e-3))
+        # An average of equal shares is not always bit-equal to them (3 × 0.1 / 3); the
+        # strata split where the share changes, so float noise must not look like a change.
+        share = round(share, 9)
         strata.append(HourStats(
             hour=hour, votes_a=h.votes[0], correct_a=h.correct[0], votes_b=h.votes[1],
             correct_b=h.correct[1], served_a=h.served[0], served_b=h.served[1],
@@ -313,6 +324,8 @@ async def build_experiment(
         content_changed=version is not None and candidate.content_hash not in (
             "", version.content_hash),
         design_effect=deff,
+        max_share=routing.room([s for s in deployment.slices() if s.version_id != b_id],
+                               candidate.range_start),
     )
     return Experiment(snapshot, start, candidate, active)
 
@@ -353,8 +366,10 @@ async def apply_decision(
     def unchanged(current: versions.Deployment) -> None:
         cand = current.get(snap.candidate_id)
         if (current.active is None or current.active.version_id != snap.active_id
+                or current.active.since != experiment.active.since
                 or cand is None or cand.state != versions.CANDIDATE
-                or cand.since != experiment.candidate.since):
+                or cand.since != experiment.candidate.since
+                or cand.share != experiment.candidate.share):
             raise _StaleSnapshot
 
     try:

@@ -67,22 +67,38 @@ def _check_share(share: float) -> None:
 
 
 def place(others: Sequence[Slice], share: float) -> int:
-    """Where a new candidate's range starts: the beginning of the widest free gap, which leaves
-    it (and its neighbours) the most room to ramp up later."""
+    """Where a new candidate's range starts, in the widest free gap.
+
+    Ranges only grow upwards, so a gap right after another candidate is split in the middle:
+    the neighbour below can still ramp up into the lower half and the new candidate into the
+    upper one. A gap with nobody below it (the start of the bucket space) is used from its
+    beginning.
+    """
     _check_share(share)
-    gaps: list[tuple[float, int]] = []
+    gaps: list[tuple[float, int, bool]] = []
     cursor = 0.0
     for other in sorted(others, key=lambda s: s.start):
         if other.start > cursor:
-            gaps.append((other.start - _ceil(cursor), _ceil(cursor)))
+            gaps.append((other.start - _ceil(cursor), _ceil(cursor), cursor > 0))
         cursor = max(cursor, other.end)
     if cursor < BUCKETS:
-        gaps.append((BUCKETS - _ceil(cursor), _ceil(cursor)))
-    fitting = [(width, start) for width, start in gaps if width >= share * BUCKETS]
+        gaps.append((BUCKETS - _ceil(cursor), _ceil(cursor), cursor > 0))
+    width = share * BUCKETS
+    fitting = [gap for gap in gaps if gap[0] >= width]
     if not fitting:
         taken = ", ".join(f"{s.version_id} {s.share:.0%}" for s in others)
         raise RoutingError(f"no free range of {share:.0%} of users (candidates hold: {taken})")
-    return max(fitting, key=lambda gap: (gap[0], -gap[1]))[1]
+    gap_width, gap_start, after_another = max(fitting, key=lambda gap: (gap[0], -gap[1]))
+    if not after_another:
+        return gap_start
+    return gap_start + int((gap_width - width) // 2)
+
+
+def room(others: Sequence[Slice], start: int) -> float:
+    """The largest share a range starting at ``start`` can grow to without running into
+    another candidate's range or past the last bucket."""
+    ceiling = min((o.start for o in others if o.start >= start), default=BUCKETS)
+    return max(0.0, (ceiling - start) / BUCKETS)
 
 
 def check_resize(others: Sequence[Slice], resized: Slice) -> None:

@@ -165,6 +165,27 @@ def test_more_thumbs_down_reverts() -> None:
     assert d.stats["down_ratio"] == pytest.approx(3.0)
 
 
+def test_thumbs_down_on_the_candidate_only_reverts() -> None:
+    # Not one 👎 on the active version's replies: the candidate's are infinitely worse.
+    d = decide(snap(hours_of(72, up_a=10, down_a=0, up_b=4, down_b=6)), CFG)
+    assert d.action == "revert" and d.rule == "reactions"
+    assert d.stats["down_ratio"] == math.inf
+    assert "while the active version's replies got none" in d.reason
+
+
+def test_no_thumbs_down_anywhere_is_no_reason_to_revert() -> None:
+    d = decide(snap(hours_of(72, up_a=10, down_a=0, up_b=10, down_b=0)), CFG)
+    assert d.rule != "reactions"
+
+
+def test_a_ramp_stops_where_routing_has_no_room() -> None:
+    rows = hours_of(7, share=0.1, **SMOKE)
+    assert decide(dataclasses.replace(snap(rows, share=0.1), max_share=0.3), CFG).new_share == (
+        pytest.approx(0.3))
+    held = decide(dataclasses.replace(snap(rows, share=0.1), max_share=0.1), CFG)
+    assert held.action == "hold" and held.new_share is None
+
+
 def test_slower_candidate_reverts() -> None:
     d = decide(snap(hours_of(3, latency_sum_b=80.0)), CFG)
     assert d.action == "revert" and d.rule == "latency"

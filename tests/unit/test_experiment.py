@@ -332,6 +332,84 @@ async def test_the_error_budget_stays_split_after_a_second_candidate_ends(
     assert exp.snapshot.concurrent_candidates == 2
 
 
+async def _two_candidates_then_one_retired(
+        db: Database, cat: dict[str, PromptVersion], *, users_come_back: bool) -> float:
+    """40/30/30 for 30 h, exactly as planned; then v2 is retired. Returns ``now``."""
+    await start_test(db, cat, share=30)
+    await versions.set_canary(db, "v2", 30, cat, actor="admin:1", reason="test", now=T0)
+    await fill(db, hours=30, per_hour_a=8, per_hour_b=6, acc_a=0.8, acc_b=0.8)
+    v2_users = [900_000 + 20 * hour + k for hour in range(30) for k in range(6)]
+    async with db.transaction() as conn:
+        for n, user in enumerate(v2_users):
+            await add_interaction(conn, user=user, version="v2",
+                                  at=T0 + (n // 6) * 3600 + n % 6, message_id=user, vote=True)
+    await versions.retire(db, "v2", actor="admin:1", reason="done", now=T0 + 30 * 3600)
+    if users_come_back:
+        # v2's users return; routing now sends every one of them to the active version.
+        async with db.transaction() as conn:
+            for n, user in enumerate(v2_users):
+                await add_interaction(conn, user=user, version=A,
+                                      at=T0 + 30 * 3600 + 600 + 30 * n,
+                                      message_id=2_000_000 + user, vote=True)
+    await fill(db, hours=3, per_hour_a=10, per_hour_b=4, acc_a=0.8, acc_b=0.8,
+               start=T0 + 30 * 3600, first_user=500_000)
+    return T0 + 33 * 3600 + 60
+
+
+@pytest.mark.parametrize("users_come_back", [False, True])
+async def test_retiring_one_candidate_does_not_break_the_others_split(
+        db: Database, catalog: dict[str, PromptVersion], users_come_back: bool) -> None:
+    import dataclasses
+
+    cat = {**catalog, "v2": dataclasses.replace(catalog[B], id="v2", content_hash="h-v2")}
+    now = await _two_candidates_then_one_retired(db, cat, users_come_back=users_come_back)
+    (exp,) = await experiment.build_experiments(db, cat, DecisionConfig(), now)
+    shares = {s.hour - H0: s.planned_share for s in exp.snapshot.strata}
+    # While v2 ran, P(v1-en | active or v1-en) was 0.3 / 0.7; afterwards it is 0.3.
+    assert shares[29] == pytest.approx(3 / 7) and shares[31] == pytest.approx(0.3)
+    # v2's returning users are not new users: their buckets are not a fair draw any more.
+    assert sum(s.new_users_a + s.new_users_b for s in exp.snapshot.strata) == 30 * 14 + 3 * 14
+    decision = decide(exp.snapshot, DecisionConfig())
+    assert decision.rule != "srm", decision.reason
+    assert decision.stats["srm_e"] < 10
+
+
+async def test_a_ramp_is_capped_where_the_next_candidates_range_begins(
+        db: Database, catalog: dict[str, PromptVersion]) -> None:
+    import dataclasses
+
+    cat = {**catalog, "v2": dataclasses.replace(catalog[B], id="v2", content_hash="h-v2")}
+    await start_test(db, cat, share=10)
+    # A layout from before candidates were placed apart: v2 right after v1-en's range.
+    await versions.set_canary(db, "v2", 10, cat, actor="admin:1", reason="test", now=T0)
+    async with db.transaction() as conn:
+        await conn.execute("UPDATE prompt_versions SET range_start = 1500 WHERE id = 'v2'")
+    await fill(db, hours=8, per_hour_a=16, per_hour_b=2, acc_a=0.8, acc_b=0.8)
+    (out_b, _) = await experiment.analyze(db, cat, DecisionConfig(), now=T0 + 8 * 3600 + 60)
+    assert out_b.snapshot is not None and out_b.snapshot.max_share == pytest.approx(0.15)
+    # The plan wants 1/3; routing has room for 15%: the ramp goes there, without an error.
+    assert (out_b.action, out_b.decision.new_share, out_b.error) == ("ramp", 0.15, None)
+    (again, _) = await experiment.analyze(db, cat, DecisionConfig(), now=T0 + 9 * 3600 + 60)
+    assert again.action == "hold" and again.error is None and not again.notable
+
+
+async def test_an_admins_share_change_makes_the_engines_snapshot_stale(
+        db: Database, catalog: dict[str, PromptVersion]) -> None:
+    await start_test(db, catalog, share=10)
+    await fill(db, hours=8, per_hour_a=18, per_hour_b=2, acc_a=0.8, acc_b=0.8)
+    now = T0 + 8 * 3600 + 60
+    (exp,) = await experiment.build_experiments(db, catalog, DecisionConfig(), now)
+    decision = decide(exp.snapshot, DecisionConfig())
+    assert decision.action == "ramp"
+    # Between the snapshot and the write, an admin sets the share by hand.
+    await versions.set_canary(db, B, 5, catalog, actor="admin:1", reason="slower", now=now + 1)
+    before = await audit_count(db)
+    assert await experiment.apply_decision(db, exp, decision, catalog, now=now + 2) is None
+    assert await audit_count(db) == before
+    (cand,) = (await versions.load(db)).candidates
+    assert cand.share == pytest.approx(0.05)
+
+
 async def test_dry_run_and_cli_report_without_writing(
         tmp_path: Path, db: Database, catalog: dict[str, PromptVersion],
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -49,8 +49,11 @@ def test_raising_the_share_keeps_the_users_already_in() -> None:
 def test_place_uses_the_widest_gap_and_refuses_what_does_not_fit() -> None:
     assert routing.place([], 0.5) == 0
     first = Slice("a", 0, 0.1)
+    # Right after another candidate: the middle of the gap, so both can still ramp up.
     start = routing.place([first], 0.2)
-    assert start == 1000
+    assert start == 4500
+    assert routing.room([Slice("b", start, 0.2)], 0) == 0.45
+    assert routing.room([first], start) == 0.55
     with pytest.raises(routing.RoutingError):
         routing.place([Slice("a", 0, 0.5), Slice("b", 5000, 0.5)], 0.01)
 
@@ -64,3 +67,16 @@ def test_resize_refuses_overlap_and_overflow() -> None:
         routing.check_resize([], Slice("c", 5000, 0.6))
     with pytest.raises(routing.RoutingError):
         routing.check_resize([], Slice("c", 0, 0.0))
+
+
+def test_candidates_placed_one_after_another_can_all_reach_an_even_split() -> None:
+    # Each new candidate starts at 10%; with K candidates the plan ramps each to 1/(K+1).
+    slices: list[Slice] = []
+    for k, name in enumerate("abcd", start=1):
+        slices.append(Slice(name, routing.place(slices, 0.1), 0.1))
+        even = 1.0 / (k + 1)
+        for s in slices:
+            others = [o for o in slices if o is not s]
+            assert routing.room(others, s.start) >= even - 1e-9, (name, s, even)
+            routing.check_resize(others, Slice(s.version_id, s.start, even))
+
