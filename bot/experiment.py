@@ -397,7 +397,8 @@ async def _write_decision(
     reason = f"{decision.action}: {decision.reason}"
     b = snap.candidate_id
     if decision.restart:
-        entries = await versions.restart_edited(db, prompt_versions, actor=actor, now=now)
+        entries = await versions.restart_edited(db, prompt_versions, actor=actor, now=now,
+                                                stats=stats)
         return next((e for e in entries if e.version_id == b), None)
     if decision.action == "promote":
         return await versions.promote(db, b, prompt_versions, actor=actor, reason=reason,
@@ -448,12 +449,15 @@ def stats_lines(outcome: Outcome) -> list[str]:
 
 
 def format_message(snapshot: ExperimentSnapshot, decision: Decision, *, applied: bool,
-                   dry_run: bool = False, error: str | None = None) -> str:
+                   dry_run: bool = False, error: str | None = None,
+                   skipped: str | None = None) -> str:
     head = f"🤖 {snapshot.candidate_id} vs {snapshot.active_id}: {decision.action.upper()}"
     if decision.restart:
         head += " (test restarts)"
     if error is not None:
         head += f" — NOT applied: {error}"
+    elif skipped is not None:
+        head += f" — not applied here: {skipped}"
     elif dry_run and (decision.action != "hold" or decision.restart):
         head += " (dry run: not applied)"
     elif not applied and decision.action != "hold":
@@ -482,12 +486,17 @@ def _effect(snapshot: ExperimentSnapshot, decision: Decision) -> str:
 async def analyze(
     db: Database, prompt_versions: Mapping[str, PromptVersion], config: DecisionConfig, *,
     now: float | None = None, apply: bool = True, actor: str = ENGINE_ACTOR,
+    apply_restarts: bool = True,
 ) -> list[Outcome]:
     """Decide for every running candidate and (``apply``) write each decision.
 
     Candidates are handled one at a time on a fresh read of the state, so a promotion is seen
     by the next candidate (whose test then restarts against the new active version). A failed
-    write is reported in its outcome (``error``) and does not stop the others."""
+    write is reported in its outcome (``error``) and does not stop the others.
+
+    ``apply_restarts=False`` is for callers that do not serve the prompt files they read (the
+    command line): a file edited on disk is not what the running bot serves yet, so the test
+    is restarted by the bot when it loads the file, not here."""
     at = time.time() if now is None else now
     outcomes: list[Outcome] = []
     done: set[str] = set()
@@ -510,7 +519,11 @@ async def analyze(
             decision = decide(snap, config)
         entry: versions.AuditEntry | None = None
         error: str | None = None
-        if apply and (decision.action != "hold" or decision.restart):
+        skipped: str | None = None
+        if apply and decision.restart and not apply_restarts:
+            skipped = ("the file on disk is not what the bot serves yet; the bot restarts "
+                       "this test when it starts with the edited file")
+        elif apply and (decision.action != "hold" or decision.restart):
             try:
                 entry = await apply_decision(db, exp, decision, prompt_versions, actor=actor,
                                              now=at)
@@ -521,6 +534,6 @@ async def analyze(
             candidate_id=snap.candidate_id, active_id=snap.active_id, decision=decision,
             applied=entry is not None, audit_id=entry.id if entry else None,
             message=format_message(snap, decision, applied=entry is not None,
-                                   dry_run=not apply, error=error),
+                                   dry_run=not apply, error=error, skipped=skipped),
             error=error, snapshot=snap,
         ))

@@ -3,7 +3,8 @@
 It calls the same :func:`bot.experiment.analyze` as the bot's job, so on the same database
 and at the same hour it reaches the same decisions (and, without ``--dry-run``, applies them
 the same way, with the same audit entries). Prompt files are read from the configured
-directory: they are the versions the bot serves after its next start.
+directory: they are the versions the bot serves after its next start, so a file edited since
+is reported, and its test is restarted by the bot when it starts with it, not here.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="decide and report, but change nothing")
     parser.add_argument("--at", type=float, default=None, metavar="UNIX_TIME",
                         help="analyse as of this time (default: now); e.g. to replay a past "
-                             "decision on a backup")
+                             "decision on a backup. A time before the last recorded version "
+                             "change can only be used with --dry-run")
     parser.set_defaults(func=run_analyze)
 
 
@@ -55,10 +57,20 @@ def run_analyze(args: argparse.Namespace) -> int:
         return 1
     prompt_versions = load_directory(prompts_directory(settings))
     now = time.time() if args.at is None else float(args.at)
+    dry_run = bool(args.dry_run)
+    if not dry_run and args.at is not None:
+        last = _last_change(str(db_path))
+        if last is not None and now < last:
+            # Written with a past time, the audit log would go back in time and a version's
+            # "since" would predate changes already made after it.
+            print(f"loopbot analyze: --at {now:.0f} is before the last recorded version change "
+                  f"({last:.0f}); decisions cannot be applied in the past: add --dry-run to "
+                  "replay", file=sys.stderr)
+            return 2
     outcomes = asyncio.run(_analyze(str(db_path), prompt_versions, settings, now,
-                                    apply=not args.dry_run))
+                                    apply=not dry_run))
     if args.json:
-        print(json.dumps({"now": now, "db": str(db_path), "dry_run": bool(args.dry_run),
+        print(json.dumps({"now": now, "db": str(db_path), "dry_run": dry_run,
                           "outcomes": [o.to_json() for o in outcomes]},
                          ensure_ascii=False, indent=2))
     elif not outcomes:
@@ -68,6 +80,14 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 1 if any(o.error for o in outcomes) else 0
 
 
+def _last_change(db_path: str) -> float | None:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
+        row = conn.execute("SELECT MAX(at) FROM audit_log").fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
 async def _analyze(db_path: str, prompt_versions: Mapping[str, PromptVersion],
                    settings: Settings, now: float, *, apply: bool) -> list[Outcome]:
     from bot.experiment import analyze
@@ -75,6 +95,8 @@ async def _analyze(db_path: str, prompt_versions: Mapping[str, PromptVersion],
 
     db = await Database.open(db_path)
     try:
-        return await analyze(db, prompt_versions, settings.experiment, now=now, apply=apply)
+        # The files read here may be newer than what the bot serves: restarts are the bot's.
+        return await analyze(db, prompt_versions, settings.experiment, now=now, apply=apply,
+                             apply_restarts=False)
     finally:
         await db.close()

@@ -322,7 +322,7 @@ async def retire(
 
 async def restart_edited(
     db: Database, versions: Mapping[str, PromptVersion], *, actor: str = "system",
-    now: float | None = None,
+    now: float | None = None, stats: Mapping[str, Any] | None = None,
 ) -> list[AuditEntry]:
     """A version whose YAML changed since its test began is a different treatment: its test
     starts again from now (votes before ``since`` no longer count for it). For the active
@@ -343,7 +343,7 @@ async def restart_edited(
                 from_state=ACTIVE, to_state=ACTIVE, previous_active=active.replaced,
                 reason=f"active prompt file changed ({active.content_hash} -> "
                        f"{edited.content_hash}): running tests start again",
-                stats=None,
+                stats=stats,
             ))
         for cand in current.candidates:
             version = versions.get(cand.version_id)
@@ -357,6 +357,6 @@ async def restart_edited(
                 from_state=CANDIDATE, to_state=CANDIDATE, share=cand.share,
                 previous_active=current.active.version_id if current.active else None,
                 reason=f"prompt file changed ({cand.content_hash} -> {version.content_hash})",
-                stats=None,
+                stats=stats,
             ))
     return entries

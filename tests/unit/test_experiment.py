@@ -442,6 +442,61 @@ async def test_dry_run_and_cli_report_without_writing(
                             ).fetchall() == [(B,)]
 
 
+async def test_the_cli_leaves_restarts_for_edited_files_to_the_bot(
+        tmp_path: Path, db: Database, catalog: dict[str, PromptVersion],
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    await start_test(db, catalog)
+    await fill(db, hours=3, per_hour_a=5, per_hour_b=5, acc_a=0.8, acc_b=0.8)
+    now = T0 + 3 * 3600 + 60
+    before = await audit_count(db)
+    await db.close()
+    # The prompt files on disk were edited; the running bot still serves what it loaded.
+    prompts = tmp_path / "prompts"
+    shutil.copytree(ROOT / "prompts", prompts)
+    edited = prompts / f"{B}.yaml"
+    edited.write_text(edited.read_text(encoding="utf-8").replace(
+        "Answer with one word", "Reply with one word"), encoding="utf-8")
+    monkeypatch.setenv("LOOPBOT_PROMPTS", str(prompts))
+    parser = argparse.ArgumentParser()
+    experiment_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["analyze", "--db", str(db.path), "--at", str(now)])
+    assert await asyncio.to_thread(args.func, args) == 0
+    assert "not applied here: the file on disk is not what the bot serves" in (
+        capsys.readouterr().out)
+    with sqlite3.connect(db.path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM audit_log").fetchone()[0] == before
+
+    # The bot, once it serves the edited file, restarts the test with the numbers behind it.
+    reopened = await Database.open(db.path)
+    try:
+        served = load_directory(prompts)
+        (out,) = await experiment.analyze(reopened, served, DecisionConfig(), now=now)
+        assert out.decision.restart and out.applied
+        (entry,) = await versions.audit_log(reopened, limit=1)
+        assert entry.action == "restart" and entry.stats["rule"] == "restart"
+        assert entry.stats["now_hour"] == H0 + 3
+    finally:
+        await reopened.close()
+
+
+async def test_the_cli_refuses_to_apply_decisions_in_the_past(
+        db: Database, catalog: dict[str, PromptVersion],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    await start_test(db, catalog)
+    await fill(db, hours=30, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95)
+    await db.close()
+    parser = argparse.ArgumentParser()
+    experiment_cli.register(parser.add_subparsers())
+    past = T0 - 10
+    args = parser.parse_args(["analyze", "--db", str(db.path), "--at", str(past)])
+    assert await asyncio.to_thread(args.func, args) == 2
+    assert "before the last recorded version change" in capsys.readouterr().err
+    args = parser.parse_args(["analyze", "--db", str(db.path), "--at", str(past), "--dry-run"])
+    assert await asyncio.to_thread(args.func, args) == 0
+
+
 # ------------------------------------------------------------------------------ atomicity
 
 
