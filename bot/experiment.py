@@ -280,13 +280,14 @@ async def build_experiment(
         counts[2 * arm + 1] += int(v["correct"])
 
     reactions = await db.fetchall(
-        "SELECT r.polarity, r.updated_at, i.version_id FROM reactions r"
+        # As first given, like votes: a later change or removal must not rewrite a closed hour.
+        "SELECT r.first_polarity AS polarity, r.first_at AS at, i.version_id FROM reactions r"
         " JOIN interactions i ON i.id = r.interaction_id"
-        " WHERE r.kind = 'reply' AND r.polarity != 0 AND i.version_id IN (?, ?)"
-        " AND i.created_at >= ? AND r.updated_at < ?", (a_id, b_id, start, end))
+        " WHERE r.kind = 'reply' AND r.first_polarity != 0 AND i.version_id IN (?, ?)"
+        " AND i.created_at >= ? AND r.first_at < ?", (a_id, b_id, start, end))
     for r in reactions:
         arm = arm_of[r["version_id"]]
-        h = hours[int(float(r["updated_at"]) // HOUR_S)]
+        h = hours[int(float(r["at"]) // HOUR_S)]
         if int(r["polarity"]) > 0:
             h.up[arm] += 1
         else:

@@ -292,30 +292,37 @@ class Store:
     async def set_reaction(self, interaction_id: int, chat_id: int, message_id: int,
                            user_id: int, kind: str, emojis: Sequence[str], polarity: int,
                            now: float | None = None) -> Reaction | None:
-        """The user's current reactions on one bot message; an empty set removes the row."""
+        """The user's current reactions on one bot message (``None`` once all are removed).
+
+        The first non-neutral polarity and its time stay as given (``first_polarity``,
+        ``first_at``): the decision engine files a reaction there, so a later change cannot
+        rewrite an hour it already closed. A removed reaction keeps its row, emptied."""
         at = time.time() if now is None else now
         async with self.db.transaction() as conn:
-            if not emojis:
-                await conn.execute(
-                    "DELETE FROM reactions WHERE chat_id = ? AND message_id = ? AND user_id = ?",
-                    (chat_id, message_id, user_id),
-                )
-                return None
             await conn.execute(
                 "INSERT INTO reactions (interaction_id, chat_id, message_id, user_id, kind,"
-                " emojis, polarity, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " emojis, polarity, updated_at, first_polarity, first_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (chat_id, message_id, user_id) DO UPDATE SET"
                 " emojis = excluded.emojis, polarity = excluded.polarity,"
-                " updated_at = excluded.updated_at",
+                " updated_at = excluded.updated_at,"
+                " first_polarity = CASE WHEN COALESCE(first_polarity, 0) = 0"
+                "   THEN excluded.polarity ELSE first_polarity END,"
+                " first_at = CASE WHEN COALESCE(first_polarity, 0) = 0"
+                "   THEN excluded.updated_at ELSE first_at END",
                 (interaction_id, chat_id, message_id, user_id, kind,
-                 json.dumps(list(emojis), ensure_ascii=False), polarity, at),
+                 json.dumps(list(emojis), ensure_ascii=False), polarity if emojis else 0, at,
+                 polarity if emojis else 0, at),
             )
+        if not emojis:
+            return None
         return Reaction(interaction_id, chat_id, message_id, user_id, kind, tuple(emojis),
                         polarity)
 
     async def reactions_for(self, interaction_id: int) -> list[Reaction]:
         rows = await self.db.fetchall(
-            "SELECT * FROM reactions WHERE interaction_id = ? ORDER BY id", (interaction_id,))
+            "SELECT * FROM reactions WHERE interaction_id = ? AND emojis != '[]' ORDER BY id",
+            (interaction_id,))
         return [Reaction(int(r["interaction_id"]), int(r["chat_id"]), int(r["message_id"]),
                          int(r["user_id"]), r["kind"], tuple(json.loads(r["emojis"])),
                          int(r["polarity"])) for r in rows]
@@ -381,8 +388,8 @@ class Store:
                 conn,
                 "SELECT (SELECT COUNT(*) FROM votes WHERE user_id = ?"
                 "        OR interaction_id IN (SELECT id FROM interactions WHERE user_id = ?)),"
-                " (SELECT COUNT(*) FROM reactions WHERE user_id = ?"
-                "        OR interaction_id IN (SELECT id FROM interactions WHERE user_id = ?))",
+                " (SELECT COUNT(*) FROM reactions WHERE emojis != '[]' AND (user_id = ?"
+                "        OR interaction_id IN (SELECT id FROM interactions WHERE user_id = ?)))",
                 (user_id, user_id, user_id, user_id),
             )
             await conn.execute("DELETE FROM votes WHERE user_id = ?", (user_id,))

@@ -22,6 +22,7 @@ from analytics.decide import DecisionConfig, decide
 from bot import experiment, experiment_cli, versions
 from bot.prompts import PromptVersion, load_directory
 from bot.store.db import Database
+from bot.store.queries import NewInteraction
 
 ROOT = Path(__file__).resolve().parents[2]
 A, B = "v1-zh", "v1-en"
@@ -76,8 +77,11 @@ async def add_interaction(
         when = at + 40 if reaction_at is None else reaction_at
         await conn.execute(
             "INSERT INTO reactions (interaction_id, chat_id, message_id, user_id, kind, emojis,"
-            " polarity, updated_at) VALUES (?, ?, ?, ?, 'reply', '[]', ?, ?)",
-            (iid, user, message_id + 1_000_000, user, reaction, when))
+            " polarity, updated_at, first_polarity, first_at)"
+            " VALUES (?, ?, ?, ?, 'reply', ?, ?, ?, ?, ?)",
+            (iid, user, message_id + 1_000_000, user,
+             {1: '["👍"]', -1: '["👎"]'}.get(reaction, '["🤔"]'), reaction, when, reaction,
+             when))
 
 
 async def fill(db: Database, *, hours: int, per_hour_a: int, per_hour_b: int, acc_a: float,
@@ -148,6 +152,32 @@ async def test_snapshot_counts_completed_hours_with_capped_votes(
     assert (h1.served_a, h1.served_b, h1.new_users_a, h1.new_users_b) == (1, 1, 1, 0)
     assert (h1.votes_a, h1.votes_b, h1.up_a) == (0, 0, 1)
     assert (h2.votes_b, h2.correct_b, h2.served_b) == (1, 0, 0)
+
+
+async def test_a_reaction_changed_after_its_hour_closed_stays_in_that_hour(
+        db: Database, catalog: dict[str, PromptVersion]) -> None:
+    from bot.store.queries import Store
+
+    await start_test(db, catalog)
+    store = Store(db)
+    inter, _ = await store.insert_interaction(NewInteraction(
+        chat_id=5, user_id=5, message_id=1, text="hi", version_id=B, arm="candidate",
+        bucket=1, label="positive", probabilities={"positive": 0.9, "negative": 0.1},
+        created_at=T0 + 60))
+    await store.add_bot_messages(inter.id, 5, "reply", [2])
+    await store.set_reaction(inter.id, 5, 2, 5, "reply", ["👎"], -1, now=T0 + 120)
+
+    async def hour0() -> tuple[int, int]:
+        (exp,) = await experiment.build_experiments(db, catalog, DecisionConfig(),
+                                                    T0 + 3 * 3600)
+        first = next(s for s in exp.snapshot.strata if s.hour == H0)
+        return first.up_b, first.down_b
+
+    assert await hour0() == (0, 1)
+    # Two hours later the user switches to 👍, then takes it back: hour 0 does not change.
+    await store.set_reaction(inter.id, 5, 2, 5, "reply", ["👍"], 1, now=T0 + 2 * 3600)
+    await store.set_reaction(inter.id, 5, 2, 5, "reply", [], 0, now=T0 + 2 * 3600 + 60)
+    assert await hour0() == (0, 1)
 
 
 async def test_share_timeline_follows_the_ramp(db: Database,

@@ -115,6 +115,19 @@ async def test_reactions_keep_the_current_set_per_user(store: Store) -> None:
     assert await store.reactions_for(inter.id) == []
 
 
+async def test_a_reaction_keeps_its_first_polarity_and_time(store: Store) -> None:
+    inter, _ = await store.insert_interaction(_new(1))
+    await store.add_bot_messages(inter.id, 100, "reply", [51])
+    await store.set_reaction(inter.id, 100, 51, 7, "reply", ["🤔"], 0, now=1000.0)
+    await store.set_reaction(inter.id, 100, 51, 7, "reply", ["👎"], -1, now=2000.0)
+    await store.set_reaction(inter.id, 100, 51, 7, "reply", ["👍"], 1, now=3000.0)
+    await store.set_reaction(inter.id, 100, 51, 7, "reply", [], 0, now=4000.0)
+    rows = await store.db.fetchall(
+        "SELECT emojis, polarity, first_polarity, first_at FROM reactions")
+    # Shown: nothing any more. Filed for the engine: the first 👎, when it was given.
+    assert [tuple(r) for r in rows] == [("[]", 0, -1, 2000.0)]
+
+
 async def test_version_counts_and_series(store: Store) -> None:
     a, _ = await store.insert_interaction(_new(1, version="v1", at=3600 * 10 + 5))
     b, _ = await store.insert_interaction(_new(2, version="v1", at=3600 * 11 + 5))
