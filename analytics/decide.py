@@ -291,6 +291,8 @@ class Trajectory:
     log_e_minus: FloatArray
     log_e_srm: FloatArray
     srm_observed_share: FloatArray
+    # What the plan leads to expect of that share (new users weighted by the share in force).
+    srm_expected_share: FloatArray
     log_e_parity: FloatArray
     log_e_reactions: FloatArray
     mh_z: FloatArray
@@ -465,6 +467,7 @@ def evaluate(
         log_e_minus=evidence_minus,
         log_e_srm=log_e_srm,
         srm_observed_share=observed_share,
+        srm_expected_share=expected_share,
         log_e_parity=log_e_parity,
         log_e_reactions=reactions_plus,
         mh_z=mh_z,
@@ -634,6 +637,7 @@ def decide(snapshot: ExperimentSnapshot, config: DecisionConfig) -> Decision:
         "srm_e": math.exp(min(float(traj.log_e_srm[0, i]), 700.0)),
         "srm_threshold": 1.0 / config.alpha_srm,
         "srm_observed_share": nan_none(float(traj.srm_observed_share[0, i])),
+        "srm_expected_share": nan_none(float(traj.srm_expected_share[0, i])),
         "parity_e": math.exp(min(float(traj.log_e_parity[0, i]), 700.0)),
         "vote_rate_ratio": nan_none(float(traj.vote_rate_ratio[0, i])),
         "reactions_e": math.exp(min(float(traj.log_e_reactions[0, i]), 700.0)),
@@ -663,8 +667,9 @@ def _reason(rule: str, snap: ExperimentSnapshot, cfg: DecisionConfig, s: dict[st
     ep, em = _fmt_e(math.log(max(s["e_plus"], 1e-300))), _fmt_e(math.log(max(s["e_minus"],
                                                                               1e-300)))
     if rule == "srm":
-        return (f"sample-ratio mismatch: {_pct(s['srm_observed_share'])} of new users went to "
-                f"{snap.candidate_id}, planned {_pct(snap.planned_share)} (SRM e-value "
+        return (f"sample-ratio mismatch: {_pct(s['srm_observed_share'])} of the new users of "
+                f"the two arms went to {snap.candidate_id}, the plan expects "
+                f"{_pct(s['srm_expected_share'])} (SRM e-value "
                 f"{s['srm_e']:.3g} ≥ "
                 f"{s['srm_threshold']:.0f}); test frozen for a person to check routing")
     if rule == "reactions":

@@ -261,6 +261,9 @@ async def test_sample_ratio_guard_freezes_a_broken_split(
     (out,) = await experiment.analyze(db, catalog, DecisionConfig(), now=T0 + 20 * 3600 + 60)
     assert (out.action, out.decision.rule, out.applied) == ("freeze", "srm", True)
     assert out.decision.stats["srm_observed_share"] == pytest.approx(0.25)
+    assert out.decision.stats["srm_expected_share"] == pytest.approx(0.5)
+    assert "25.0% of the new users of the two arms went to v1-en, the plan expects 50.0%" in (
+        out.message)
     state = await versions.load(db)
     frozen = state.get(B)
     assert frozen is not None and frozen.state == versions.RETIRED and frozen.share == 0
