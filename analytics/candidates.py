@@ -38,25 +38,28 @@ _CONTROL_SPAN = re.compile(r"<\|[^<>|]{0,64}\|>")
 _ID_SUFFIX = re.compile(r"-c\d+$")
 
 
+_INVISIBLE = ("Cc", "Cf", "Cs", "Co", "Cn")  # control, format (zero-width, bidi), private use
+
+
+def _defuse(text: str, keep: str) -> str:
+    """``text`` without invisible characters (those in ``keep`` stay) and without anything
+    that reads as a control token. Invisible characters go first: left in, they would hide
+    a token from the pattern ("<\u200b|im_start|>") and let it reappear once removed."""
+    visible = "".join(ch for ch in text
+                      if ch in keep or unicodedata.category(ch) not in _INVISIBLE)
+    cleaned = _CONTROL_SPAN.sub(" ", visible)
+    # What is left of the syntax must not recombine into "<|" (e.g. "<<||" → "<|").
+    while "<|" in cleaned or "|>" in cleaned:
+        cleaned = cleaned.replace("<|", "<").replace("|>", ">")
+    return cleaned
+
+
 def sanitize_text(text: str, max_chars: int = MAX_EXAMPLE_CHARS) -> str | None:
     """User text made safe for a prompt, or None when nothing usable is left or it is longer
     than ``max_chars`` (cutting a review can flip its sentiment, so long texts are skipped,
     not truncated)."""
-    cleaned = _CONTROL_SPAN.sub(" ", text)
-    # What is left of the syntax must not recombine into "<|" (e.g. "<<||" → "<|").
-    while "<|" in cleaned or "|>" in cleaned:
-        cleaned = cleaned.replace("<|", "<").replace("|>", ">")
-    kept = []
-    for ch in cleaned:
-        cat = unicodedata.category(ch)
-        if ch in "\n\t\r":
-            kept.append(" ")
-        elif cat in ("Cc", "Cf", "Cs", "Co", "Cn") and ch != "\u200d":
-            # Control, format (zero-width, bidi overrides), surrogates, private use.
-            continue
-        else:
-            kept.append(ch)
-    folded = " ".join("".join(kept).split())
+    # Zero-width joiners hold emoji sequences together; line breaks become spaces.
+    folded = " ".join(_defuse(text, keep="\n\t\r\u200d").split())
     if not folded or len(folded) > max_chars:
         return None
     return folded
@@ -65,12 +68,7 @@ def sanitize_text(text: str, max_chars: int = MAX_EXAMPLE_CHARS) -> str | None:
 def sanitize_instruction(text: str, labels: Sequence[str], max_chars: int = 800) -> str | None:
     """A model-proposed instruction, if it is usable: cleaned like user text (newlines kept),
     bounded, and naming every label (label scoring needs the model to know them)."""
-    cleaned = _CONTROL_SPAN.sub(" ", text)
-    while "<|" in cleaned or "|>" in cleaned:
-        cleaned = cleaned.replace("<|", "<").replace("|>", ">")
-    cleaned = "".join(ch for ch in cleaned
-                      if ch == "\n" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co",
-                                                                          "Cn"))
+    cleaned = _defuse(text, keep="\n")
     lines = [" ".join(line.split()) for line in cleaned.strip().splitlines()]
     result = "\n".join(line for line in lines if line).strip().strip("\"'`")
     if not result or len(result) > max_chars:

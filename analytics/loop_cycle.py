@@ -37,7 +37,7 @@ from analytics.credibility import (
 from analytics.mining import ImprovementReport, VersionErrors, mine
 from analytics.offline_eval import split_holdout
 from bot.config import LoopConfig
-from bot.prompts import PromptVersion
+from bot.prompts import PromptError, PromptVersion
 
 # Votes on verdicts of the last 28 days: credibility scoring is superlinear in the votes, so
 # an unbounded history would make every cycle slower; four weeks still hold thousands of votes
@@ -101,6 +101,9 @@ class CyclePlan:
     candidate: Candidate | None = None
     # The offline check's texts: never among the candidate's examples.
     held_out: tuple[LabelledText, ...] = ()
+    # The mistakes of the training part only: what may shape the candidate (its examples and
+    # a proposed instruction), so no held-out text can leak into what is checked on it.
+    train_errors: VersionErrors | None = None
 
     @property
     def patterns(self) -> tuple[str, ...]:
@@ -221,13 +224,17 @@ def plan_cycle(analysis: Analysis, state: LoopState, config: LoopConfig, *, now:
         return CyclePlan("failed", f"the active version {state.active_id} has no file", trigger)
     errors = analysis.report.get(parent.id)
     train, held = split_holdout(analysis.credible.labelled, HOLDOUT_FRACTION, holdout_seed)
+    train_errors = mine(train, [parent.id]).get(parent.id)
     try:
-        candidate = generate_candidate(parent, train, errors, existing_ids=existing_ids,
+        candidate = generate_candidate(parent, train, train_errors, existing_ids=existing_ids,
                                        config=candidates)
-    except CandidateError as exc:
+    except (CandidateError, PromptError) as exc:
+        # PromptError: a candidate that does not validate must cost one cycle, not stop the
+        # loop for as long as the text that caused it stays in the vote window.
         return CyclePlan("no_candidate", f"no candidate from {parent.id}: {exc}", trigger,
                          errors)
-    return CyclePlan("generate", trigger.reason, trigger, errors, candidate, tuple(held))
+    return CyclePlan("generate", trigger.reason, trigger, errors, candidate, tuple(held),
+                     train_errors)
 
 
 def status_after_check(passed: bool, mode: str) -> str:

@@ -285,9 +285,10 @@ async def run_cycle(service: Service, *, actor: str = "loop", now: float | None 
         return CycleResult(plan.action, plan.reason)
     candidate, errors = plan.candidate, plan.errors
     complete = _instruction_generator(service, parent)
-    if complete is not None and errors is not None:
+    if complete is not None and plan.train_errors is not None:
         try:
-            instruction = await propose_instruction(parent, errors, complete)
+            # Only training mistakes: a quoted held-out text would bias the offline check.
+            instruction = await propose_instruction(parent, plan.train_errors, complete)
         except Exception as exc:  # the optional generator must never stop the loop
             log.warning("instruction generator failed: %s", exc)
             instruction = None
@@ -322,18 +323,38 @@ async def run_cycle(service: Service, *, actor: str = "loop", now: float | None 
     if status == "proposed":
         return CycleResult("proposed", f"{version.id} passed the offline check and waits for "
                            f"/approve {version.id}: {result.reason}", version.id, result)
-    await _canary(service, version.id, actor=actor, result=result, why=plan.trigger.reason)
+    try:
+        await _canary(service, version.id, actor=actor, result=result, why=plan.trigger.reason)
+    except CanaryTaken as exc:
+        # It passed its check: an admin can still /approve it once the other test ends.
+        await _set_status(db, version.id, "proposed", actor="loop", at=at)
+        return CycleResult("proposed", f"{version.id} passed the offline check but {exc}; "
+                           f"/approve {version.id} once that test ends", version.id, result)
     return CycleResult("canary", f"{version.id} is in canary: {result.reason}", version.id,
                        result)
+
+
+class CanaryTaken(versions.VersionError):
+    """Another candidate went into canary meanwhile (e.g. an admin's /canary)."""
+
+
+def _nothing_in_canary(candidate_id: str) -> versions.Expectation:
+    def check(current: versions.Deployment) -> None:
+        others = [c.version_id for c in current.candidates if c.version_id != candidate_id]
+        if others:
+            raise CanaryTaken("another candidate is in canary: " + ", ".join(others))
+    return check
 
 
 async def _canary(service: Service, candidate_id: str, *, actor: str, result: OfflineResult,
                   why: str) -> versions.AuditEntry:
     share = service.settings.experiment.ramp_shares[0]
+    # Checked inside the write's transaction: the offline check takes minutes, and one
+    # candidate at a time must hold whatever happened meanwhile.
     return await versions.set_canary(
         service.store.db, candidate_id, share * 100.0, service.versions, actor=actor,
         reason=f"mined candidate ({why}); offline check: {result.reason}",
-        stats={"offline_check": result.to_dict()},
+        stats={"offline_check": result.to_dict()}, expect=_nothing_in_canary(candidate_id),
     )
 
 
@@ -361,17 +382,30 @@ async def approve(service: Service, candidate_id: str, *, actor: str,
     proposal = _proposal(row)
     if proposal.status != "proposed":
         raise ApprovalError(f"'{candidate_id}' is {proposal.status}, not waiting for approval")
+    if proposal.created_at < at - PROPOSAL_TTL_S:
+        # The job expires these too, but it does not run with loop.mode: off.
+        await _set_status(db, candidate_id, "expired", actor="loop", at=at)
+        raise ApprovalError(f"'{candidate_id}' is older than {PROPOSAL_TTL_S // 86400:.0f} "
+                            "days: the votes it was mined from are stale")
     check = await last_offline_check(db, candidate_id)
     if check is None or not check.result.passed:
         raise ApprovalError(f"'{candidate_id}' has no passed offline check")
     deployment = await versions.load(db)
+    if deployment.active is None or deployment.active.version_id != proposal.parent_id:
+        raise ApprovalError(
+            f"'{candidate_id}' was built from and checked against {proposal.parent_id}, which "
+            f"no longer serves (active: "
+            f"{deployment.active.version_id if deployment.active else 'none'})")
     if deployment.candidates:
         raise ApprovalError("another candidate is in canary: "
                             + ", ".join(c.version_id for c in deployment.candidates))
     if candidate_id not in service.versions:
         service.versions[candidate_id] = await asyncio.to_thread(load_version, proposal.path)
-    entry = await _canary(service, candidate_id, actor=actor, result=check.result,
-                          why=f"approved by {actor}")
+    try:
+        entry = await _canary(service, candidate_id, actor=actor, result=check.result,
+                              why=f"approved by {actor}")
+    except CanaryTaken as exc:
+        raise ApprovalError(str(exc)) from exc
     await _set_status(db, candidate_id, "canary", actor=actor, at=at)
     return entry
 

@@ -13,7 +13,8 @@ reads directly:
   verdict a version wrongly gave for that text when there was one, else another label.
 
 The system message is the instruction of the active version (or of a version with the same
-labels), so the fine-tuned model sees what it will see in production.
+labels), so the fine-tuned model sees what it will see in production. User texts are
+sanitised as for prompts (control tokens and invisible characters removed, whitespace folded).
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from analytics.candidates import sanitize_text
 from analytics.credibility import LabelledText
 from bot.prompts import PromptVersion
 
 FORMATS = ("sft", "dpo")
+# Messages longer than Telegram's limit were cut by the bot anyway.
+EXPORT_MAX_CHARS = 4096
 
 
 def _system_for(item: LabelledText, versions: Mapping[str, PromptVersion],
@@ -60,8 +64,13 @@ def export_records(labelled: Iterable[LabelledText], fmt: str,
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
     for item in labelled:
+        # Fine-tuning tools apply the chat template with special tokens parsed: a typed
+        # "<|im_end|>" would forge turns in the training data.
+        text = sanitize_text(item.text, max_chars=EXPORT_MAX_CHARS)
+        if text is None:
+            continue
         system = {"role": "system", "content": _system_for(item, versions, active_id)}
-        user = {"role": "user", "content": item.text}
+        user = {"role": "user", "content": text}
         if fmt == "sft":
             yield {"messages": [system, user, {"role": "assistant", "content": item.label}]}
             continue

@@ -412,7 +412,11 @@ class Store:
                 " WHERE created_at < ? AND (text IS NOT NULL OR reply_text IS NOT NULL)",
                 (at, cutoff),
             )
-            # Mining reports quote example texts: the same retention applies to them.
+            # Mining reports quote texts of the vote window before they were made: one made
+            # up to a window after the cutoff may quote a text erased now.
+            from analytics.loop_cycle import VOTE_WINDOW_S
+
             await conn.execute("UPDATE candidate_proposals SET report = '{}'"
-                               " WHERE created_at < ?", (cutoff,))
+                               " WHERE report != '{}' AND created_at < ?",
+                               (cutoff + VOTE_WINDOW_S,))
             return cur.rowcount

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from analytics.loop_cycle import VOTE_WINDOW_S
+from analytics.loop_cycle import PROPOSAL_TTL_S, VOTE_WINDOW_S
+from analytics.offline_eval import evaluate_offline
 from bot import learning, versions
 from bot.config import ModelConfig, Settings
 from bot.learning_texts import cycle_text, report_messages
@@ -121,6 +122,66 @@ async def test_suggest_mode_waits_for_approve(tmp_path: Path, runtime: ModelRunt
             await learning.approve(service, cid, actor="admin:1")
         with pytest.raises(learning.ApprovalError, match="no mined candidate"):
             await learning.approve(service, "v9", actor="admin:1")
+    finally:
+        await service.store.close()
+
+
+async def test_approve_refuses_stale_or_orphaned_proposals(tmp_path: Path,
+                                                         runtime: ModelRuntime) -> None:
+    service = await _service(tmp_path, runtime, mode="suggest", margin=1.0)
+    try:
+        result = await learning.run_cycle(service)
+        assert result.action == "proposed" and result.candidate_id
+        cid = result.candidate_id
+        (proposal,) = await learning.list_proposals(service.store.db)
+        # A week and a day later, with the loop off (no job expires it): too old.
+        late = proposal.created_at + PROPOSAL_TTL_S + 86400
+        with pytest.raises(learning.ApprovalError, match="older than"):
+            await learning.approve(service, cid, actor="admin:1", now=late)
+        (proposal,) = await learning.list_proposals(service.store.db)
+        assert proposal.status == "expired"
+        assert (await versions.load(service.store.db)).candidates == ()
+    finally:
+        await service.store.close()
+
+
+async def test_a_candidate_checked_against_a_version_no_longer_active_is_refused(
+        tmp_path: Path, runtime: ModelRuntime) -> None:
+    service = await _service(tmp_path, runtime, mode="suggest", margin=1.0)
+    try:
+        result = await learning.run_cycle(service)
+        assert result.action == "proposed" and result.candidate_id
+        shutil.copy(PROMPTS / "v1-en.yaml", tmp_path / "prompts")
+        service.versions.update(load_directory(tmp_path / "prompts"))
+        await versions.promote(service.store.db, "v1-en", service.versions, actor="admin:1",
+                               reason="switching language")
+        with pytest.raises(learning.ApprovalError, match="no longer serves"):
+            await learning.approve(service, result.candidate_id, actor="admin:1")
+    finally:
+        await service.store.close()
+
+
+async def test_a_canary_started_during_the_offline_check_keeps_the_candidate_waiting(
+        tmp_path: Path, runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    service = await _service(tmp_path, runtime, mode="automatic", margin=1.0)
+    real = evaluate_offline
+
+    async def admin_canaries_meanwhile(*args: object, **kwargs: object) -> object:
+        # An admin's /canary lands while the (minutes long) offline check runs.
+        shutil.copy(PROMPTS / "v1-en.yaml", tmp_path / "prompts")
+        service.versions.update(load_directory(tmp_path / "prompts"))
+        await versions.set_canary(service.store.db, "v1-en", 10, service.versions,
+                                  actor="admin:1", reason="by hand")
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(learning, "evaluate_offline", admin_canaries_meanwhile)
+    try:
+        result = await learning.run_cycle(service)
+        assert result.action == "proposed" and "another candidate is in canary" in result.message
+        state = await versions.load(service.store.db)
+        assert [c.version_id for c in state.candidates] == ["v1-en"]
+        (proposal,) = await learning.list_proposals(service.store.db)
+        assert proposal.status == "proposed"
     finally:
         await service.store.close()
 

@@ -64,3 +64,24 @@ async def test_zero_days_keeps_texts_forever(store: Store) -> None:
     assert await erase_old_texts(store.db, 0, now=NOW) == 0
     row = await store.db.fetchone("SELECT text FROM interactions")
     assert row is not None and row[0] == "secret words 1"
+
+
+async def test_a_report_quoting_an_erased_text_is_blanked(store: Store) -> None:
+    await _message(store, 1, 31)
+    # Mined a week ago, from a vote window reaching back past the cutoff: it quotes that text.
+    async with store.db.transaction() as conn:
+        for cid, age_days in (("v1-en-c1", 7), ("v1-en-c2", 40), ("v1-en-c3", 1)):
+            await conn.execute(
+                "INSERT INTO candidate_proposals (candidate_id, parent_id, created_at, status,"
+                " path, reason, judged, error_rate, report) VALUES (?, 'v1-en', ?, 'refused',"
+                " 'p.yaml', 'r', 1, 0.5, ?)",
+                (cid, NOW - age_days * DAY_S, '{"examples": ["secret words 1"]}'))
+    await erase_old_texts(store.db, 30, now=NOW)
+    rows = await store.db.fetchall(
+        "SELECT candidate_id, report FROM candidate_proposals ORDER BY candidate_id")
+    # Made before the cutoff + the vote window: may quote erased texts, blanked. The newest
+    # window starts after the cutoff: it quotes nothing erased and is kept.
+    assert [tuple(r) for r in rows] == [
+        ("v1-en-c1", "{}"), ("v1-en-c2", "{}"),
+        ("v1-en-c3", '{"examples": ["secret words 1"]}')]
+
