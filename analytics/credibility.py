@@ -26,6 +26,7 @@ Public API
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -222,9 +223,23 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
+NEGATION = re.compile(
+    r"不|没|無|无|别|非|未|毫无|\b(?:not|no|never|nothing|nobody|none|neither|nor|hardly|"
+    r"without)\b|n't",
+    re.IGNORECASE,
+)
+
+
+def negations(text: str) -> tuple[str, ...]:
+    """The negation words of ``text``, sorted: one more or less can flip its sentiment."""
+    return tuple(sorted(m.lower() for m in NEGATION.findall(text)))
+
+
 def group_texts(texts: Sequence[str], threshold: float, max_posting: int = 200) -> list[int]:
     """Group index for each text: equal normalised texts, then near-duplicates (Jaccard of
-    character bigrams ≥ ``threshold``), found through an inverted index of bigrams."""
+    character bigrams ≥ ``threshold``), found through an inverted index of bigrams. Texts
+    whose negation words differ are never grouped: "都很好" and "都不好" are near-identical
+    strings with opposite labels."""
     norm_index: dict[str, int] = {}
     firsts: list[int] = []
     group_of_norm: list[int] = []
@@ -235,6 +250,7 @@ def group_texts(texts: Sequence[str], threshold: float, max_posting: int = 200) 
             firsts.append(i)
         group_of_norm.append(norm_index[key])
     grams = [ngrams(texts[i]) for i in firsts]
+    negs = [negations(texts[i]) for i in firsts]
     postings: dict[str, list[int]] = defaultdict(list)
     for k, g in enumerate(grams):
         for gram in g:
@@ -253,7 +269,7 @@ def group_texts(texts: Sequence[str], threshold: float, max_posting: int = 200) 
         for other, shared in counts.items():
             if other <= k or shared < need * 0.5:
                 continue
-            if jaccard(g, grams[other]) >= threshold:
+            if negs[k] == negs[other] and jaccard(g, grams[other]) >= threshold:
                 uf.union(k, other)
     return [uf.find(group_of_norm[i]) for i in range(len(texts))]
 
@@ -494,8 +510,12 @@ def build_credible_set(votes: Iterable[VoteRecord],
             r = records[i]
             judged.setdefault(r.interaction_id, Judged(r.interaction_id, r.version_id,
                                                         r.verdict))
+        # The text shown for the item is one the credible votes for its label were cast on:
+        # any member could be a different sentence than the one the evidence is about.
+        backing = [i for i in members if scored[i].label == chosen]
+        strong = [i for i in backing if scored[i].credibility >= 0.5] or backing
         result_labelled.append(LabelledText(
-            text=_shortest_text([records[i].text or "" for i in members]) or (first.text or ""),
+            text=_shortest_text([records[i].text or "" for i in strong]) or (first.text or ""),
             label=chosen, labels=labelset, confidence=float(p[best]), support=float(support),
             voters=len({records[i].voter_id for i in members}), admin_confirmed=admin_ok,
             judged=tuple(judged.values()),

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from analytics.credibility import LabelledText, normalize
+from analytics.credibility import NEGATION, LabelledText, normalize
 
 PATTERNS: dict[str, str] = {
     "mixed": "mixed sentiment with a turn (但是/不过/but/though)",
@@ -42,11 +42,7 @@ _TURN = re.compile(
     r"\b(?:but|though|although|however|yet|except|still)\b",
     re.IGNORECASE,
 )
-_NEGATION = re.compile(
-    r"不|没|無|无|别|非|未|毫无|\b(?:not|no|never|nothing|nobody|none|neither|nor|hardly|"
-    r"without)\b|n't",
-    re.IGNORECASE,
-)
+_NEGATION = NEGATION
 _SARCASM = re.compile(
     r"呵呵|呵|真是.{0,6}[啊呀]|可真.{0,4}|真行|好一个|服了|醉了|佩服佩服|厉害了|谢谢你啊|"
     r"笑死|我真是谢谢|"

@@ -190,3 +190,31 @@ def test_near_identical_texts_form_one_item() -> None:
     groups = group_texts(texts, CredibilityConfig().near_duplicate)
     assert groups[0] == groups[1] == groups[2] != groups[3]
     assert normalize("Great!!  Product.") == normalize("great product")
+
+
+def test_a_negated_near_copy_is_its_own_item() -> None:
+    # Near-identical strings, opposite meanings: grouping them would give one of them the
+    # other's label.
+    texts = ["这个手机的屏幕和电池质量都很好", "这个手机的屏幕和电池质量都不好",
+             "The battery is good", "The battery is not good"]
+    groups = group_texts(texts, 0.5)
+    assert len(set(groups)) == 4
+
+
+def test_an_item_is_shown_with_a_text_its_label_was_given_on() -> None:
+    # Established voters say a long text is positive; one vote on a shorter variant (same
+    # words, so one item) backs the verdict's other label. The item must not borrow the
+    # shorter text for the label it was never given on.
+    rng = random.Random(4)
+    history = []
+    for i, (text, truth) in enumerate(_texts(8, rng)):
+        for user in (1, 2, 3):
+            history.append(VoteRecord(100 + i, user, "v1-zh", LABELS, truth, True, None, 0, 9,
+                                      text))
+    long_text, short_text = "快递很快，包装也很好，东西很满意", "快递很快，包装也很好，东西满意"
+    votes = [VoteRecord(1, u, "v1-zh", LABELS, NEG, False, POS, 0, 9, long_text)
+             for u in (1, 2, 3)]
+    votes.append(VoteRecord(2, 77, "v1-zh", LABELS, NEG, True, None, 0, 9, short_text))
+    labelled = {item.label: item for item in build_credible_set([*history, *votes]).labelled
+                if item.text in (long_text, short_text)}
+    assert labelled[POS].text == long_text
