@@ -114,6 +114,9 @@ class ModelRuntime:
         await asyncio.to_thread(self._thread.join, 10)
 
     def _shutdown(self) -> None:
+        # A reply waiting between two tokens holds a live generator whose clean-up touches
+        # the model's contexts: end every queued job while they still exist.
+        self._drain()
         if self._backend is not None:
             self._backend.close()
             self._backend = None
@@ -228,6 +231,11 @@ class ModelRuntime:
             job.cancelled.set()
             future.cancel()
             raise InferenceTimeout(f"no answer from the model within {timeout:g}s") from None
+        except asyncio.CancelledError:
+            # The caller is gone (e.g. its task was cancelled at shutdown): stop generating.
+            job.cancelled.set()
+            future.cancel()
+            raise
 
     def _release(self) -> None:
         with self._pending_lock:
@@ -279,6 +287,8 @@ class ModelRuntime:
     def _drain(self) -> None:
         while not self._queue.empty():
             job = self._queue.get_nowait()
+            if job.steps is not None:
+                job.steps.close()
             if not job.future.done():
                 job.future.set_exception(InferenceError("the model runtime was closed"))
 

@@ -212,3 +212,54 @@ async def test_reply_uses_history_and_streams(tiny_gguf: Path,
         assert other.tokens <= 24
     finally:
         await runtime.close()
+
+
+_CLOSE_WHILE_REPLYING = """
+import asyncio, dataclasses, gc, sys
+from bot.config import ModelConfig
+from bot.llm.runtime import ModelRuntime
+from bot.prompts import load_directory
+
+async def main(cancel_first):
+    version = load_directory(sys.argv[2])["v1-en"]
+    long = dataclasses.replace(version, generation=dataclasses.replace(
+        version.generation, max_tokens=1500, temperature=0.0))
+    runtime = ModelRuntime(sys.argv[1], ModelConfig(n_threads=2, n_ctx=1024))
+    await runtime.start()
+    loop = asyncio.get_running_loop()
+    generating = asyncio.Event()
+    reply = asyncio.create_task(runtime.reply(
+        long, [], "a long story please",
+        on_text=lambda _text: loop.call_soon_threadsafe(generating.set)))
+    await generating.wait()  # the first tokens are out: the reply is between two tokens
+    if cancel_first:
+        reply.cancel()
+        await asyncio.sleep(0.05)
+    await runtime.close()
+    try:
+        await reply
+    except BaseException as exc:
+        print("reply ended:", type(exc).__name__)
+    else:
+        sys.exit("the reply finished before the runtime closed: nothing was tested")
+    gc.collect()
+    print("closed cleanly")
+
+asyncio.run(main(sys.argv[3] == "cancel"))
+"""
+
+
+@pytest.mark.parametrize("how", ["close", "cancel"])
+def test_closing_while_a_reply_is_generated_ends_it_cleanly(tiny_gguf: Path, how: str) -> None:
+    # Ctrl-C in the console, or a second signal while the bot stops: the reply in flight
+    # must be ended while the model's contexts still exist (a run in a child process, since
+    # the failure this guards against was a segmentation fault).
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _CLOSE_WHILE_REPLYING, str(tiny_gguf), str(root / "prompts"),
+         how], capture_output=True, text=True, timeout=120, cwd=root, check=False)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "closed cleanly" in done.stdout

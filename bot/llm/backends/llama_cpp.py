@@ -104,6 +104,8 @@ class _Context:
         return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
 
     def trim(self, seq: int, from_pos: int) -> None:
+        if self.ctx is None:
+            return  # closed: nothing left to trim (and its memory handle is gone)
         self._lc.llama_memory_seq_rm(self.mem, seq, from_pos, -1)
 
     def close(self) -> None:
