@@ -225,8 +225,12 @@ def restore_database(backup_path: str | Path, db_path: str | Path) -> Path | Non
         os.fsync(fh.fileno())
     os.replace(partial, db)
     if moved is not None:
-        # The restored file gets the old one's permissions (the bot's user must write it).
+        # The restored file gets the old one's permissions and owner: the bot's user must
+        # write it, and a restore is often run as root right after stopping the service.
         with contextlib.suppress(OSError):
             shutil.copymode(moved, db)
+            old = moved.stat()
+            if hasattr(os, "chown") and os.geteuid() == 0:
+                os.chown(db, old.st_uid, old.st_gid)
     log.info("restored %s from %s", db, backup)
     return moved

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import subprocess
 import sys
@@ -91,6 +92,18 @@ async def test_restore_replaces_the_database_and_drops_its_stale_log(tmp_path: P
     # The old database together with its log is kept whole.
     with sqlite3.connect(moved) as previous:
         assert previous.execute("SELECT COUNT(*) FROM votes").fetchone() == (1,)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="giving a file to another user needs root")
+async def test_a_restore_run_as_root_keeps_the_bots_ownership(tmp_path: Path) -> None:
+    db_path = tmp_path / "loopbot.db"
+    store = await Store.open(db_path)
+    copy = await backup_database(db_path, tmp_path / "b" / "copy.db")
+    await store.close()
+    os.chown(db_path, 4321, 4321)  # the service's user owns the live database
+    restore_database(copy.path, db_path)
+    assert (db_path.stat().st_uid, db_path.stat().st_gid) == (4321, 4321)
 
 
 def test_restore_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
