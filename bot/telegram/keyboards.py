@@ -88,4 +88,3 @@ def language_of_keyboard(markup: InlineKeyboardMarkup | None) -> str | None:
                 if button.text.startswith(texts.t("btn_correct", lang)):
                     return lang
     return None
-

@@ -45,6 +45,15 @@ def sender_id(message: Message, user: User) -> int:
     return message.sender_chat.id if message.sender_chat is not None else user.id
 
 
+async def over_the_limit(service: Service, message: Message, sender: int, lang: str) -> bool:
+    """Whether ``sender`` is sending too fast; told so once per window, not per message."""
+    if service.allow(sender):
+        return False
+    if service.warn_once(sender):
+        await message.reply_text(texts.t("rate_limited", lang), do_quote=False)
+    return True
+
+
 def _reply_to(message: Message) -> ReplyParameters:
     return ReplyParameters(message_id=message.message_id, allow_sending_without_reply=True)
 
@@ -76,9 +85,7 @@ async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     if not text or not text.strip():
         return
     sender = sender_id(message, user)
-    if not service.allow(sender):
-        if service.warn_once(sender):
-            await message.reply_text(texts.t("rate_limited", lang), do_quote=False)
+    if await over_the_limit(service, message, sender, lang):
         return
     respond = state.settings.telegram.respond_with
     try:
@@ -206,12 +213,8 @@ async def on_other(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         if replied is None or replied.from_user is None or replied.from_user.id != context.bot.id:
             return
     lang = texts.language_of(user.language_code if user else None)
-    if user is not None:
-        service = state_of(context).require_service()
-        sender = sender_id(message, user)
-        # Stickers count against the same limit as texts: a flood gets one notice.
-        if not service.allow(sender):
-            if service.warn_once(sender):
-                await message.reply_text(texts.t("rate_limited", lang), do_quote=False)
-            return
+    # Stickers count against the same limit as texts: a flood gets one notice.
+    if user is not None and await over_the_limit(state_of(context).require_service(), message,
+                                                 sender_id(message, user), lang):
+        return
     await message.reply_text(texts.t("non_text", lang), do_quote=False)
