@@ -132,6 +132,11 @@ class CredibilityConfig:
     # voters who agree with each other are what a coordinated group looks like, so they
     # never label a text on their own.
     min_record: int = 5
+    # A voter who clicks "wrong" on more than this share of verdicts (with a record) loses
+    # trust in proportion: honest users correct a version only where it errs, and a version
+    # wrong 85% of the time is not what a deployment serves. Agreement alone cannot catch a
+    # group that only ever votes on its own texts, where nobody else disagrees with it.
+    max_wrong_share: float = 0.85
     # Reliability ceiling: nobody's click is proof (except an admin's).
     max_reliability: float = 0.97
     admin_reliability: float = 0.999
@@ -360,6 +365,14 @@ def build_credible_set(votes: Iterable[VoteRecord],
     fast_share = {u: sum(_fast(v, cfg) for v in vs) / len(vs) for u, vs in per_voter.items()}
     wrong_share = {u: sum(not v.correct for v in vs) / len(vs) for u, vs in per_voter.items()}
     admins = {u for u, vs in per_voter.items() if any(v.is_admin for v in vs)}
+    # 1 for most voters; towards 0 for one who says "wrong" to nearly everything. Applied to
+    # the votes' weight in the EM too, so such votes cannot move anyone else's reliability
+    # (the versions' included) either.
+    wrong_factor = {
+        u: 1.0 if u in admins or len(per_voter[u]) < cfg.min_record
+        or wrong_share[u] <= cfg.max_wrong_share
+        else max(0.0, (1.0 - wrong_share[u]) / (1.0 - cfg.max_wrong_share))
+        for u in per_voter}
 
     # Annotators: voters first, then one per version.
     voter_ids = sorted(per_voter)
@@ -422,7 +435,7 @@ def build_credible_set(votes: Iterable[VoteRecord],
         o_annot.append(annot_of_voter[v.voter_id])
         o_label.append(label)
         o_pos.append(positive)
-        o_w.append(_vote_weight(v, fast_share[v.voter_id], cfg))
+        o_w.append(_vote_weight(v, fast_share[v.voter_id], cfg) * wrong_factor[v.voter_id])
         o_k.append(len(v.labels))
         if v.interaction_id not in seen_verdicts:
             # The verdict itself, once per interaction, as the version's opinion.
@@ -456,7 +469,8 @@ def build_credible_set(votes: Iterable[VoteRecord],
         if u in admins:
             return 1.0
         r = float(reliability[annot_of_voter[u]])
-        return float(min(1.0, max(0.0, (r - 0.5) / (cfg.trusted_reliability - 0.5))))
+        trust = min(1.0, max(0.0, (r - 0.5) / (cfg.trusted_reliability - 0.5)))
+        return float(trust * wrong_factor[u])
 
     scored: list[ScoredVote] = []
     for i, v in enumerate(records):

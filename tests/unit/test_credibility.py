@@ -218,3 +218,29 @@ def test_an_item_is_shown_with_a_text_its_label_was_given_on() -> None:
     labelled = {item.label: item for item in build_credible_set([*history, *votes]).labelled
                 if item.text in (long_text, short_text)}
     assert labelled[POS].text == long_text
+
+
+def test_a_group_voting_only_on_its_own_texts_cannot_label_them() -> None:
+    # Four accounts say "wrong" on ten clearly positive texts of their own, which nobody else
+    # votes on: they agree with each other perfectly, and agreement is all the EM sees.
+    rng = random.Random(6)
+    votes = []
+    for i, (text, truth) in enumerate(_texts(60, rng)):
+        verdict = truth if rng.random() < 0.75 else OTHER[truth]
+        for user in rng.sample(range(100, 130), 2):
+            said = truth if rng.random() < 0.9 else OTHER[truth]
+            votes.append(VoteRecord(i, user, "v1-zh", LABELS, verdict, said == verdict, None,
+                                    0, 9, text))
+    honest_only = build_credible_set(votes)
+    own = [f"这款{thing}真的太好了，强烈推荐" for thing in
+           ("手机", "耳机", "电脑", "相机", "手表", "音箱", "键盘", "鼠标", "台灯", "背包")]
+    for k, text in enumerate(own):
+        for user in (900, 901, 902, 903):
+            votes.append(VoteRecord(1000 + k, user, "v1-zh", LABELS, POS, False, NEG, 0, 9,
+                                    text))
+    result = build_credible_set(votes)
+    assert all(result.voters[u].trust == 0.0 for u in (900, 901, 902, 903))
+    assert not [item for item in result.labelled if item.text in own]
+    # The honest voters' labels are what they are without the group.
+    assert {(i.text, i.label) for i in result.labelled} == {
+        (i.text, i.label) for i in honest_only.labelled}
