@@ -119,7 +119,8 @@ class DecisionConfig:
     # alpha_promote (false: retire whatever the horizon data says).
     horizon_fallback: bool = True
     # Mixing prior of the e-processes: half-normal on |log odds ratio| on an even grid.
-    # sd ≈ 0.35 centres the bet on effects of 4–10 accuracy points at a base near 80%.
+    # At a base near 80%, effects of 4–10 accuracy points are log odds ratios of 0.3–0.8:
+    # sd 0.5 spreads the bet over that range.
     prior_sd: float = 0.5
     prior_grid_min: float = 0.02
     prior_grid_max: float = 1.6

@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None,
                         help="YAML settings file (default: $LOOPBOT_CONFIG, else built-in "
                         "defaults); see config.example.yaml")
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-level", default=None, type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="DEBUG, INFO, WARNING or ERROR")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

@@ -129,6 +129,9 @@ class HealthConfig:
     stuck_after_s: float = 120.0
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 @dataclass
 class LoggingConfig:
     # DEBUG, INFO, WARNING or ERROR. Message texts are never logged at INFO.
@@ -241,7 +244,7 @@ def _coerce(key: str, value: Any, tp: Any, *, from_text: bool) -> Any:
 
 def _apply_mapping(obj: Any, data: Any, prefix: str) -> None:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or '<root>'}: expected a mapping of keys")
+        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping of keys")
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)} - {"source"}
     for key, value in data.items():
@@ -269,6 +272,8 @@ def set_dotted(settings: Settings, dotted: str, value: Any, *, from_text: bool =
 def _validate(settings: Settings) -> None:
     if settings.telegram.respond_with not in {"both", "verdict", "reply"}:
         raise ConfigError("telegram.respond_with: must be 'both', 'verdict' or 'reply'")
+    if settings.logging.level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"logging.level: must be one of {', '.join(LOG_LEVELS)}")
     if settings.model.backend not in {"llama_cpp", "ctransformers"}:
         raise ConfigError("model.backend: must be 'llama_cpp' or 'ctransformers'")
     if settings.loop.mode not in {"automatic", "suggest", "off"}:

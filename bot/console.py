@@ -14,7 +14,7 @@ import sys
 import time
 from typing import TextIO
 
-from bot.config import Settings, load_settings, prompts_directory, resolve_path
+from bot.config import Settings, load_settings, prompts_directory
 from bot.llm.types import InferenceError
 
 # Console conversations are stored under this chat; ids far from real Telegram chat ids.
@@ -36,7 +36,9 @@ async def run_console(settings: Settings, *, stdin: TextIO, stdout: TextIO, user
 
     model = resolve_model(settings)
     versions = load_directory(prompts_directory(settings))
-    store = await Store.open(resolve_path(settings, settings.storage.db))
+    from bot.ops.backup import open_configured_database
+
+    store = Store(await open_configured_database(settings))
     runtime = ModelRuntime(model, settings.model)
     try:
         await runtime.start()
@@ -60,7 +62,8 @@ async def run_console(settings: Settings, *, stdin: TextIO, stdout: TextIO, user
                 continue
             if text.strip().lower() in VOTE_WORDS:
                 if last_id is None:
-                    print("(nothing to vote on yet)", file=stdout)
+                    print(json.dumps({"error": "nothing to vote on yet"}) if as_json
+                          else "(nothing to vote on yet)", file=stdout)
                     continue
                 choice = VOTE_WORDS[text.strip().lower()]
                 outcome = await service.record_vote(last_id, user_id, choice,

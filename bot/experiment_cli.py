@@ -67,8 +67,7 @@ def run_analyze(args: argparse.Namespace) -> int:
                   f"({last:.0f}); decisions cannot be applied in the past: add --dry-run to "
                   "replay", file=sys.stderr)
             return 2
-    outcomes = asyncio.run(_analyze(str(db_path), prompt_versions, settings, now,
-                                    apply=not dry_run))
+    outcomes = asyncio.run(_analyze(prompt_versions, settings, now, apply=not dry_run))
     if args.json:
         print(json.dumps({"now": now, "db": str(db_path), "dry_run": dry_run,
                           "outcomes": [o.to_json() for o in outcomes]},
@@ -88,12 +87,12 @@ def _last_change(db_path: str) -> float | None:
     return None if row is None or row[0] is None else float(row[0])
 
 
-async def _analyze(db_path: str, prompt_versions: Mapping[str, PromptVersion],
-                   settings: Settings, now: float, *, apply: bool) -> list[Outcome]:
+async def _analyze(prompt_versions: Mapping[str, PromptVersion], settings: Settings,
+                   now: float, *, apply: bool) -> list[Outcome]:
     from bot.experiment import analyze
-    from bot.store.db import Database
+    from bot.ops.backup import open_configured_database
 
-    db = await Database.open(db_path)
+    db = await open_configured_database(settings)
     try:
         # The files read here may be newer than what the bot serves: restarts are the bot's.
         return await analyze(db, prompt_versions, settings.experiment, now=now, apply=apply,

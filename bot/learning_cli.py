@@ -96,14 +96,14 @@ def write_jsonl(records: Iterable[dict[str, Any]], out: Path) -> int:
 
 async def _with_db(args: argparse.Namespace) -> tuple[Any, Any]:
     from bot.config import load_settings, resolve_path
-    from bot.store.db import Database
+    from bot.ops.backup import open_configured_database
 
     settings = load_settings(getattr(args, "config", None),
                              overrides={"storage.db": args.db})
     path = resolve_path(settings, settings.storage.db)
     if not path.is_file():
         raise FileNotFoundError(f"no database at {path} (set storage.db or pass --db)")
-    return settings, await Database.open(path)
+    return settings, await open_configured_database(settings)
 
 
 async def _report(args: argparse.Namespace) -> int:

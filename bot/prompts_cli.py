@@ -17,13 +17,13 @@ async def _states(settings: Settings) -> dict[str, str]:
     if not db.is_file():
         return {}
     from bot import versions
-    from bot.store.queries import Store
+    from bot.ops.backup import open_configured_database
 
-    store = await Store.open(db)
+    database = await open_configured_database(settings)
     try:
-        state = await versions.load(store.db)
+        state = await versions.load(database)
     finally:
-        await store.close()
+        await database.close()
     result: dict[str, str] = {}
     if state.active is not None:
         result[state.active.version_id] = "active"
@@ -44,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
         return 1 if errors else 0
     versions = load_directory(directory)
     if args.action == "show":
+        if args.id is None:
+            print("loopbot prompts show: which version? e.g. `loopbot prompts show "
+                  f"{min(versions, default='v1-zh')}` (`loopbot prompts list` lists them)",
+                  file=sys.stderr)
+            return 2
         if args.id not in versions:
             print(f"no prompt version '{args.id}' in {directory}", file=sys.stderr)
             return 2

@@ -19,8 +19,12 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bot.store.db import discover_migrations
+from bot.store.db import Database, discover_migrations
+
+if TYPE_CHECKING:
+    from bot.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +187,16 @@ async def backup_before_migrating(db_path: str | Path, backup_dir: str | Path
              db_path, current, latest)
     return await backup_database(
         db_path, os.path.join(backup_dir, backup_name(tag=f"pre-migration-v{current}")))
+
+
+async def open_configured_database(settings: Settings) -> Database:
+    """The configured database, opened the way every command opens it: when this release's
+    migrations would change it, it is backed up to ``storage.backup_dir`` first."""
+    from bot.config import resolve_path
+
+    db_path = resolve_path(settings, settings.storage.db)
+    await backup_before_migrating(db_path, resolve_path(settings, settings.storage.backup_dir))
+    return await Database.open(db_path)
 
 
 def restore_database(backup_path: str | Path, db_path: str | Path) -> Path | None:

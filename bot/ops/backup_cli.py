@@ -26,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                     "database is kept beside it as <db>.before-restore-<time>.")
     _common(restore)
     restore.add_argument("backup", help="backup file made by `loopbot backup`")
+    restore.add_argument("--new", action="store_true",
+                         help="create the database if there is none at the target yet (by "
+                              "default that is refused: it usually means a wrong --db)")
     restore.set_defaults(func=run_restore)
 
 
@@ -70,6 +73,12 @@ def run_restore(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     db = resolve_path(settings, settings.storage.db)
+    if not db.exists() and not args.new:
+        # Restoring next to nothing is usually the wrong place (e.g. a relative default path
+        # in another folder): the bot would go on with its old database.
+        print(f"loopbot restore: there is no database at {db} to replace; pass the bot's "
+              "--db (or storage.db), or --new to create it there", file=sys.stderr)
+        return 1
     try:
         moved = restore_database(args.backup, db)
     except (BackupError, OSError) as exc:

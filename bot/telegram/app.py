@@ -27,7 +27,7 @@ from telegram.ext import (
     filters,
 )
 
-from bot.config import Settings, prompts_directory, resolve_path
+from bot.config import Settings, prompts_directory
 from bot.prompts import load_directory
 from bot.service import Service
 from bot.store.queries import Store
@@ -69,12 +69,10 @@ async def _post_init(app: Application) -> None:  # type: ignore[type-arg]
     prompt_versions = load_directory(prompts_directory(settings))
     # May download the default model the first time: off the event loop.
     model = await asyncio.to_thread(resolve_model, settings)
-    from bot.ops.backup import backup_before_migrating
+    from bot.ops.backup import open_configured_database
 
-    db_path = resolve_path(settings, settings.storage.db)
-    # An upgrade's migrations run at start: copy the database first, so it can be undone.
-    await backup_before_migrating(db_path, resolve_path(settings, settings.storage.backup_dir))
-    store = await Store.open(db_path)
+    # An upgrade's migrations run at start: the database is copied first, so it can be undone.
+    store = Store(await open_configured_database(settings))
     state.closers.append(store.close)
     runtime = ModelRuntime(model, settings.model)
     state.closers.append(runtime.close)

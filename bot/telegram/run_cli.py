@@ -1,4 +1,4 @@
-"""``loopbot run``: start the Telegram bot with long polling."""
+"""``loopbot run``: start the Telegram bot (long polling, or webhook mode with --webhook-url)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
-        "run", help="run the Telegram bot (long polling)",
+        "run", help="run the Telegram bot (long polling, or a webhook with --webhook-url)",
         description="Run the Telegram bot. The token comes from TELEGRAM_BOT_TOKEN (or the "
                     "config file), admins from LOOPBOT_ADMINS=id1,id2.")
     # SUPPRESS: without a value here, the global `loopbot --config X run` is kept.
@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         print("loopbot run: --base-url must not contain the token (it is appended)",
               file=sys.stderr)
         return 2
+    from telegram.error import InvalidToken, NetworkError
+
     from bot.llm.types import InferenceError
     from bot.ops.backup import BackupError
     from bot.ops.run_options import serve
@@ -64,11 +66,21 @@ def run(args: argparse.Namespace) -> int:
     from bot.versions import VersionError
 
     app = build_application(settings)
+    token = settings.telegram.token
     try:
         serve(app, settings)  # webhook mode when telegram.webhook_url is set, else polling
+    except InvalidToken:
+        # PTB's own message quotes the token: never print it.
+        print("loopbot run: Telegram rejected the bot token (TELEGRAM_BOT_TOKEN / "
+              "telegram.token): check it with @BotFather", file=sys.stderr)
+        return 1
+    except NetworkError as exc:
+        print(f"loopbot run: cannot reach the Bot API at {settings.telegram.base_url}: "
+              f"{str(exc).replace(token, '<token>')}", file=sys.stderr)
+        return 1
     except (InferenceError, PromptError, MigrationError, VersionError, ConfigError,
             BackupError, OSError) as exc:
         # Start-up problems an operator can fix: say what, without a traceback.
-        print(f"loopbot run: {exc}", file=sys.stderr)
+        print(f"loopbot run: {str(exc).replace(token, '<token>')}", file=sys.stderr)
         return 1
     return 0

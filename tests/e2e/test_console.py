@@ -41,9 +41,11 @@ def test_piped_console_prints_a_verdict_and_a_reply_per_line(tiny_gguf: Path,
 def test_console_votes_are_stored_like_button_clicks(tiny_gguf: Path, tmp_path: Path) -> None:
     db = tmp_path / "console.db"
     done = loopbot("console", "--model", str(tiny_gguf), "--db", str(db), "--json",
-                   "--prompt", "v1-en", stdin="I love it\ny\nterrible\nn\n")
+                   "--prompt", "v1-en", stdin="y\nI love it\ny\nterrible\nn\n")
     assert done.returncode == 0, done.stderr
+    # Every line is JSON, the answer to a vote with nothing to vote on included.
     rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert rows[0] == {"error": "nothing to vote on yet"}
     verdicts = [r for r in rows if "verdict" in r]
     votes = [r for r in rows if "vote" in r]
     assert [v["verdict"] in {"positive", "negative"} for v in verdicts] == [True, True]

@@ -109,6 +109,10 @@ def test_backup_during_writes_keeps_every_committed_vote_and_restores(tmp_path: 
         texts = conn.execute("SELECT COUNT(*) FROM interactions WHERE text IS NOT NULL")
         assert texts.fetchone()[0] in (len(copied), len(copied) + 1)
 
+    # A restore aimed where there is no database (a wrong --db) is refused, not "restored".
+    elsewhere = db.parent / "elsewhere" / "loopbot.db"
+    assert loopbot("restore", "--db", str(elsewhere), str(out)) == 1
+    assert not elsewhere.exists()
     # Restore (bot stopped): the database goes back to the copy; the replaced one is kept.
     assert loopbot("restore", "--db", str(db), str(out)) == 0
     assert voters(db) == copied

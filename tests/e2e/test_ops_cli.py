@@ -84,3 +84,22 @@ def test_sigterm_while_the_updater_starts_still_closes_everything(tiny_gguf: Pat
                 proc.kill()
     assert proc.returncode == 0, err
     assert "model and database closed" in err
+
+
+def test_a_rejected_token_is_a_one_line_error_that_does_not_print_it(
+        tiny_gguf: Path, tmp_path: Path) -> None:
+    wrong = "123456789:AAHwrongwrongwrongwrongwrongwrongwro"
+    with FakeBotAPI() as api:  # answers 401 to any other token, as Telegram does
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPBOT_", "TELEGRAM_"))}
+        env["TELEGRAM_BOT_TOKEN"] = wrong
+        done = subprocess.run(
+            [sys.executable, "-m", "bot", "run", "--base-url", api.base_url,
+             "--model", str(tiny_gguf), "--db", str(tmp_path / "loopbot.db"),
+             "--prompts", str(ROOT / "prompts")],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    # The last word is a plain instruction (PTB's own error log before it is redacted).
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "loopbot run: Telegram rejected the bot token")
+    assert wrong not in done.stderr and wrong not in done.stdout
+    assert "AAHwrong" not in done.stderr

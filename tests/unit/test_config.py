@@ -59,6 +59,8 @@ def test_environment_and_flags_override_the_file(tmp_path: Path) -> None:
     ("telegram:\n  admins: [1, two]\n", "telegram.admins[1]"),
     ("telegram:\n  respond_with: everything\n", "telegram.respond_with"),
     ("storage: [1, 2]\n", "storage"),
+    ("model: 3\n", "model:"),
+    ("logging:\n  level: chatty\n", "logging.level"),
 ])
 def test_bad_settings_are_named(tmp_path: Path, text: str, key: str) -> None:
     cfg = tmp_path / "c.yaml"
@@ -100,3 +102,21 @@ def test_a_command_level_config_overrides_the_global_one(tmp_path: Path) -> None
     args = build_parser().parse_args(["--config", "a.yaml", "console", "--config", "b.yaml"])
     assert args.config == "b.yaml"
     assert build_parser().parse_args(["--config", "a.yaml", "console"]).config == "a.yaml"
+
+
+def test_a_bad_log_level_flag_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from bot.cli import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--log-level", "bogus", "prompts", "list"])
+    assert caught.value.code == 2
+    assert "--log-level" in capsys.readouterr().err
+
+
+def test_prompts_show_without_an_id_says_what_is_missing(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from bot.cli import main
+
+    assert main(["prompts", "show", "--prompts", str(ROOT / "prompts")]) == 2
+    assert "which version?" in capsys.readouterr().err
+

@@ -106,6 +106,29 @@ async def test_a_restore_run_as_root_keeps_the_bots_ownership(tmp_path: Path) ->
     assert (db_path.stat().st_uid, db_path.stat().st_gid) == (4321, 4321)
 
 
+@pytest.mark.parametrize("argv", [["prompts", "list"], ["report"], ["analyze", "--dry-run"]])
+def test_every_command_backs_an_old_database_up_before_migrating_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from bot.cli import main
+
+    db_path, backups = tmp_path / "loopbot.db", tmp_path / "backups"
+
+    async def old_release() -> None:
+        old = await Database.open(db_path, migrations=discover_migrations()[:-1])
+        await old.close()
+
+    asyncio.run(old_release())
+    monkeypatch.delenv("LOOPBOT_CONFIG", raising=False)
+    monkeypatch.setenv("LOOPBOT_BACKUP_DIR", str(backups))
+    assert main([*argv, "--db", str(db_path)]) == 0, capsys.readouterr().err
+    version = len(discover_migrations()) - 1
+    (made,) = list_backups(backups)
+    assert made.name.endswith(f"-pre-migration-v{version}.db")
+    with sqlite3.connect(made) as copy:
+        assert copy.execute("SELECT MAX(version) FROM schema_version").fetchone() == (version,)
+
+
 def test_restore_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
     bogus = tmp_path / "bogus.db"
     bogus.write_bytes(b"not sqlite at all" * 100)
