@@ -288,7 +288,10 @@ class ModelRuntime:
         while not self._queue.empty():
             job = self._queue.get_nowait()
             if job.steps is not None:
-                job.steps.close()
+                try:
+                    job.steps.close()
+                except Exception as exc:  # shutting down must finish whatever one job does
+                    log.warning("ending a queued reply failed: %s", exc)
             if not job.future.done():
                 job.future.set_exception(InferenceError("the model runtime was closed"))
 
