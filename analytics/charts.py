@@ -46,6 +46,16 @@ def accuracy_png(periods: Iterable[Period], events: Sequence[Event] = (), *,
                  title: str = "Accuracy over time (cumulative, 95% interval)",
                  width_px: int = 960, height_px: int = 540) -> bytes:
     """Cumulative accuracy of each version with a Wilson band; decisions as vertical lines."""
+    fig = accuracy_figure(periods, events, title=title, width_px=width_px, height_px=height_px)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def accuracy_figure(periods: Iterable[Period], events: Sequence[Event] = (), *,
+                    title: str = "Accuracy over time (cumulative, 95% interval)",
+                    width_px: int = 960, height_px: int = 540) -> Figure:
+    """The figure :func:`accuracy_png` renders."""
     by_version: dict[str, list[Period]] = defaultdict(list)
     for p in periods:
         by_version[p.version_id].append(p)
@@ -53,6 +63,7 @@ def accuracy_png(periods: Iterable[Period], events: Sequence[Event] = (), *,
     fig = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
+    plotted: list[float] = []
     for version_id, rows in sorted(by_version.items()):
         rows.sort(key=lambda r: r.start)
         times: list[float] = []
@@ -72,6 +83,7 @@ def accuracy_png(periods: Iterable[Period], events: Sequence[Event] = (), *,
             high.append(hi)
         if not times:
             continue
+        plotted += times
         (line,) = ax.plot(times, acc, marker="o", markersize=3,
                           label=f"{version_id} ({correct}/{votes})")
         ax.fill_between(times, low, high, alpha=0.15, color=line.get_color())
@@ -80,6 +92,9 @@ def accuracy_png(periods: Iterable[Period], events: Sequence[Event] = (), *,
         ax.axvline(when, color="grey", linestyle="--", linewidth=1)
         ax.annotate(event.label, (when, 1.0), xycoords=("data", "axes fraction"),
                     rotation=90, va="top", ha="right", fontsize=8, color="dimgrey")
+    if plotted and min(plotted) == max(plotted):
+        # One period only: without a range matplotlib spreads the axis over years.
+        ax.set_xlim(min(plotted) - 1 / 24, max(plotted) + 1 / 24)
     if not by_version:
         ax.text(0.5, 0.5, "no votes yet", ha="center", va="center", transform=ax.transAxes)
     else:
@@ -93,6 +108,4 @@ def accuracy_png(periods: Iterable[Period], events: Sequence[Event] = (), *,
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return fig

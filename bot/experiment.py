@@ -515,7 +515,7 @@ async def analyze(
             decision = Decision(
                 action="hold", rule="missing_file", stats={},
                 reason=f"{snap.candidate_id} has no prompt file here: it is not served and "
-                       "cannot be analysed")
+                       f"cannot be analysed; /retire {snap.candidate_id} ends its test")
         else:
             decision = decide(snap, config)
         entry: versions.AuditEntry | None = None

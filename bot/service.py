@@ -372,19 +372,8 @@ class Service:
 
     async def export_votes_csv(self) -> tuple[bytes, int]:
         """Every vote with its verdict as CSV, and the number of votes."""
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow(EXPORT_COLUMNS)
         rows = await self.store.export_votes()
-        for v in rows:
-            writer.writerow([
-                v.interaction_id, _iso(v.interaction_at), _iso(v.vote_at), v.chat_id, v.user_id,
-                v.voter_id, v.version_id, v.arm, v.label or "",
-                "" if v.confidence is None else f"{v.confidence:.4f}", int(v.correct),
-                v.correct_label or "", v.text or "",
-            ])
-        # A BOM so spreadsheet programs open the Chinese texts as UTF-8.
-        return ("\ufeff" + out.getvalue()).encode("utf-8"), len(rows)
+        return await asyncio.to_thread(_votes_csv, rows), len(rows)
 
     async def forget_user(self, user_id: int) -> ForgetResult:
         async with self.user_locks.hold(user_id):
@@ -436,6 +425,27 @@ class Service:
                                       stats=stats)
         metrics.count_decision(entry.action)
         return entry
+
+
+def _votes_csv(rows: Sequence[Any]) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(EXPORT_COLUMNS)
+    for v in rows:
+        writer.writerow([
+            v.interaction_id, _iso(v.interaction_at), _iso(v.vote_at), v.chat_id, v.user_id,
+            v.voter_id, v.version_id, v.arm, _cell(v.label or ""),
+            "" if v.confidence is None else f"{v.confidence:.4f}", int(v.correct),
+            _cell(v.correct_label or ""), _cell(v.text or ""),
+        ])
+    # A BOM so spreadsheet programs open the Chinese texts as UTF-8.
+    return ("\ufeff" + out.getvalue()).encode("utf-8")
+
+
+def _cell(text: str) -> str:
+    """User text made inert for spreadsheets: a cell starting with = + - @ (or a tab or
+    carriage return before one) is read as a formula, and HYPERLINK can send data out."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def _iso(ts: float) -> str:

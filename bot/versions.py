@@ -166,8 +166,13 @@ def _known(versions: Mapping[str, PromptVersion], version_id: str) -> PromptVers
     try:
         return versions[version_id]
     except KeyError:
-        known = ", ".join(sorted(versions)) or "none"
-        raise VersionError(f"unknown version '{version_id}' (known: {known})") from None
+        # Both bounded: the message goes back to a chat (4096 characters at most).
+        shown = version_id if len(version_id) <= 64 else version_id[:61] + "..."
+        names = sorted(versions)
+        known = ", ".join(names[:20]) or "none"
+        if len(names) > 20:
+            known += f" and {len(names) - 20} more (/versions)"
+        raise VersionError(f"unknown version '{shown}' (known: {known})") from None
 
 
 async def ensure_active(
@@ -242,8 +247,11 @@ async def rollback(
                      since=at, replaced=active.replaced)
         # The restored version keeps its own rollback target, so a second rollback goes
         # one step further back instead of flipping between two versions.
+        # ... unless its own target is the version just rolled back from (A → B → A by
+        # promotion): going "back" there would flip between the two for ever.
+        back = target.replaced if target else None
         await _write(conn, target_id, ACTIVE, content_hash=version.content_hash, since=at,
-                     replaced=target.replaced if target else None)
+                     replaced=None if back == active.version_id else back)
         return await _audit(
             conn, at=at, actor=actor, action="rollback", version_id=target_id,
             from_state=target.state if target else None, to_state=ACTIVE,

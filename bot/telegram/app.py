@@ -157,6 +157,7 @@ def add_handlers(app: Application) -> None:  # type: ignore[type-arg]
         ("rollback", admin.rollback),
         ("promote", admin.promote),
         ("canary", admin.canary),
+        ("retire", admin.retire),
         ("export", admin.export),
         ("report", admin.report),
         ("approve", admin.approve),

@@ -27,10 +27,10 @@ _TEXTS: dict[str, dict[str, str]] = {
             "/privacy what is stored · /forget delete all your messages and votes",
     },
     "help_admin": {
-        ZH: "管理员命令：/stats /versions /rollback /promote ID /canary ID PERCENT /export "
-            "/report /approve ID",
-        EN: "Admin commands: /stats /versions /rollback /promote ID /canary ID PERCENT /export "
-            "/report /approve ID",
+        ZH: "管理员命令：/stats /versions /rollback /promote ID /canary ID PERCENT /retire ID "
+            "/export /report /approve ID",
+        EN: "Admin commands: /stats /versions /rollback /promote ID /canary ID PERCENT "
+            "/retire ID /export /report /approve ID",
     },
     "privacy": {
         ZH: "我保存：你的 Telegram 用户 ID、聊天 ID、消息文字、我的判断和回复、"
@@ -107,6 +107,21 @@ _TEXTS: dict[str, dict[str, str]] = {
     "usage_canary": {
         ZH: "用法：/canary 版本ID 百分比（例如 /canary v2-zh 10）",
         EN: "Usage: /canary VERSION_ID PERCENT (e.g. /canary v2-zh 10)",
+    },
+    "usage_retire": {
+        ZH: "用法：/retire 版本ID（停止一个候选版本，它的用户回到活跃版本）",
+        EN: "Usage: /retire VERSION_ID (stops a candidate; its users go back to the active "
+            "version)",
+    },
+    "retired": {
+        ZH: "⏹ {version} 不再提供服务；{active} 服务所有用户。",
+        EN: "⏹ {version} is no longer served; {active} serves everyone.",
+    },
+    "export_too_large": {
+        ZH: "导出文件太大（压缩后 {mb} MB），超过 Telegram 的上限。请在服务器上用 "
+            "`loopbot backup` 取得数据。",
+        EN: "The export is too large for Telegram ({mb} MB compressed). Take the data on the "
+            "server with `loopbot backup`.",
     },
     "refused": {ZH: "未执行：{reason}", EN: "Not done: {reason}"},
     "promoted": {

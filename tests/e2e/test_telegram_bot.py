@@ -176,10 +176,16 @@ def test_admin_commands_and_refusal_of_others(bot: BotHarness, fake_api: FakeBot
     assert command("/promote v1-en").startswith("✅ v1-en is now the active version")
     assert command("/rollback").startswith("↩️ Rolled back to v1-zh")
     assert command("/canary").startswith("Usage: /canary")
+    assert command("/retire").startswith("Usage: /retire")
+    assert command("/canary v1-en 10") == "🐤 v1-en now serves 10% of users."
+    assert command("/retire v1-en") == "⏹ v1-en is no longer served; v1-zh serves everyone."
+    assert command("/retire v1-zh").startswith("Not done: 'v1-zh' is the active version")
     actions = bot.query("SELECT action, version_id, actor FROM audit_log ORDER BY id")
-    assert actions[-3:] == [("canary", "v1-en", f"admin:{ADMIN_ID}"),
+    assert actions[-5:] == [("canary", "v1-en", f"admin:{ADMIN_ID}"),
                             ("promote", "v1-en", f"admin:{ADMIN_ID}"),
-                            ("rollback", "v1-zh", f"admin:{ADMIN_ID}")]
+                            ("rollback", "v1-zh", f"admin:{ADMIN_ID}"),
+                            ("canary", "v1-en", f"admin:{ADMIN_ID}"),
+                            ("retire", "v1-en", f"admin:{ADMIN_ID}")]
     assert bot.query("SELECT id, state FROM prompt_versions ORDER BY id") == [
         ("v1-en", "retired"), ("v1-zh", "active")]
 

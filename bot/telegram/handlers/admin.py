@@ -1,4 +1,5 @@
-"""Admin commands: /stats /versions /rollback /promote /canary /export /report /approve.
+"""Admin commands: /stats /versions /rollback /promote /canary /retire /export /report
+/approve.
 
 Only user ids listed in ``telegram.admins`` may use them; anybody else gets a refusal, and the
 attempt is logged (a probing user is worth knowing about).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gzip
 import logging
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -195,6 +197,28 @@ async def canary(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Me
 
 
 @admin_only
+async def retire(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Message,
+                 service: Service, lang: str) -> None:
+    """``/retire ID``: end a candidate's test by hand (works without its prompt file)."""
+    args = context.args or []
+    if len(args) != 1:
+        await message.reply_text(texts.t("usage_retire", lang), do_quote=False)
+        return
+    try:
+        entry = await service.retire(args[0][:64], actor=_actor(update),
+                                     reason="/retire by an admin")
+    except versions.VersionError as exc:
+        await message.reply_text(texts.t("refused", lang, reason=exc), do_quote=False)
+        return
+    await message.reply_text(texts.t("retired", lang, version=entry.version_id,
+                                     active=entry.previous_active or "–"), do_quote=False)
+
+
+# Telegram bots may upload documents up to 50 MB.
+MAX_UPLOAD_BYTES = 49 * 1024 * 1024
+
+
+@admin_only
 async def export(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Message,
                  service: Service, lang: str) -> None:
     data, rows = await service.export_votes_csv()
@@ -202,7 +226,14 @@ async def export(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Me
         await message.reply_text(texts.t("no_votes", lang), do_quote=False)
         return
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M")
-    await message.reply_document(InputFile(data, filename=f"loopbot-votes-{stamp}.csv"),
+    name = f"loopbot-votes-{stamp}.csv"
+    if len(data) > MAX_UPLOAD_BYTES:
+        data, name = await asyncio.to_thread(gzip.compress, data), name + ".gz"
+    if len(data) > MAX_UPLOAD_BYTES:
+        await message.reply_text(texts.t("export_too_large", lang,
+                                         mb=f"{len(data) / 1e6:.0f}"), do_quote=False)
+        return
+    await message.reply_document(InputFile(data, filename=name),
                                  caption=texts.t("export_caption", lang, n=rows), do_quote=False)
 
 
