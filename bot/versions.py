@@ -162,12 +162,17 @@ async def _current(conn: aiosqlite.Connection) -> Deployment:
     return _snapshot(await fetchall(conn, _SELECT_STATES))
 
 
+def _shown(version_id: str) -> str:
+    """An id as echoed in an error: bounded, the message goes back to a chat (4096 at most)."""
+    return version_id if len(version_id) <= 64 else version_id[:61] + "..."
+
+
 def _known(versions: Mapping[str, PromptVersion], version_id: str) -> PromptVersion:
     try:
         return versions[version_id]
     except KeyError:
-        # Both bounded: the message goes back to a chat (4096 characters at most).
-        shown = version_id if len(version_id) <= 64 else version_id[:61] + "..."
+        # The list is bounded too.
+        shown = _shown(version_id)
         names = sorted(versions)
         known = ", ".join(names[:20]) or "none"
         if len(names) > 20:
@@ -311,7 +316,8 @@ async def retire(
             expect(current)  # inside the transaction: nobody can change it in between
         existing = current.get(version_id)
         if existing is None:
-            raise VersionError(f"unknown version '{version_id}': it has never been served")
+            raise VersionError(
+                f"unknown version '{_shown(version_id)}': it has never been served")
         if existing.state == ACTIVE:
             raise VersionError(
                 f"'{version_id}' is the active version: promote or roll back to another first"

@@ -11,7 +11,7 @@ import asyncio
 import functools
 import gzip
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -146,13 +146,22 @@ async def list_versions(update: Update, context: ContextTypes.DEFAULT_TYPE, mess
     await _reply_long(message, "\n".join(lines))
 
 
+async def _change(message: Message, lang: str,
+                  change: Awaitable[versions.AuditEntry]) -> versions.AuditEntry | None:
+    """A version-state change; a refusal is told to the admin (None then)."""
+    try:
+        return await change
+    except versions.VersionError as exc:
+        await message.reply_text(texts.t("refused", lang, reason=exc), do_quote=False)
+        return None
+
+
 @admin_only
 async def rollback(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Message,
                    service: Service, lang: str) -> None:
-    try:
-        entry = await service.rollback(actor=_actor(update), reason="/rollback by an admin")
-    except versions.VersionError as exc:
-        await message.reply_text(texts.t("refused", lang, reason=exc), do_quote=False)
+    entry = await _change(message, lang, service.rollback(actor=_actor(update),
+                                                          reason="/rollback by an admin"))
+    if entry is None:
         return
     await message.reply_text(texts.t("rolled_back", lang, version=entry.version_id,
                                      previous=entry.previous_active), do_quote=False)
@@ -165,11 +174,9 @@ async def promote(update: Update, context: ContextTypes.DEFAULT_TYPE, message: M
     if len(args) != 1:
         await message.reply_text(texts.t("usage_promote", lang), do_quote=False)
         return
-    try:
-        entry = await service.promote(args[0], actor=_actor(update),
-                                      reason="/promote by an admin")
-    except versions.VersionError as exc:
-        await message.reply_text(texts.t("refused", lang, reason=exc), do_quote=False)
+    entry = await _change(message, lang, service.promote(args[0], actor=_actor(update),
+                                                         reason="/promote by an admin"))
+    if entry is None:
         return
     await message.reply_text(texts.t("promoted", lang, version=entry.version_id,
                                      previous=entry.previous_active or "–"), do_quote=False)
@@ -186,11 +193,9 @@ async def canary(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Me
     except (IndexError, ValueError):
         await message.reply_text(texts.t("usage_canary", lang), do_quote=False)
         return
-    try:
-        entry = await service.set_canary(version_id, percent, actor=_actor(update),
-                                         reason="/canary by an admin")
-    except versions.VersionError as exc:
-        await message.reply_text(texts.t("refused", lang, reason=exc), do_quote=False)
+    entry = await _change(message, lang, service.set_canary(
+        version_id, percent, actor=_actor(update), reason="/canary by an admin"))
+    if entry is None:
         return
     await message.reply_text(texts.t("canary_set", lang, version=entry.version_id,
                                      percent=f"{entry.share * 100:g}"), do_quote=False)
@@ -204,11 +209,9 @@ async def retire(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Me
     if len(args) != 1:
         await message.reply_text(texts.t("usage_retire", lang), do_quote=False)
         return
-    try:
-        entry = await service.retire(args[0][:64], actor=_actor(update),
-                                     reason="/retire by an admin")
-    except versions.VersionError as exc:
-        await message.reply_text(texts.t("refused", lang, reason=exc), do_quote=False)
+    entry = await _change(message, lang, service.retire(args[0], actor=_actor(update),
+                                                        reason="/retire by an admin"))
+    if entry is None:
         return
     await message.reply_text(texts.t("retired", lang, version=entry.version_id,
                                      active=entry.previous_active or "–"), do_quote=False)
