@@ -9,7 +9,7 @@
   zero variance or the control's mean is 0. Reimplemented here because gbstats pins numpy<2 /
   pandas<2 and because its per-call objects would be far too slow for a million looks; the
   golden values (800/1000 vs 840/1000 → (−0.0136, 0.0936), p = 0.2587) are tested, and
-  ``analytics.gbstats_check`` compares every look of simulated runs with gbstats itself.
+  ``bot.gbstats_check`` compares every look of simulated runs with gbstats itself.
 - ``first_decision(upper, lower)``: turns per-look "significantly better / worse" flags into
   the first terminal decision per run, as the simulation needs.
 

@@ -1,4 +1,5 @@
-"""``loopbot simulate``: the decision engine vs the anchors on simulated hourly traffic.
+"""The decision engine vs the anchors on simulated hourly traffic (the library behind
+``loopbot simulate``, whose command line is :mod:`bot.simulate_cli`).
 
 Every run simulates 7 days of hourly aggregates for one experiment (active "a" vs candidate
 "b"): verdicts served per arm, votes (after the real per-user daily cap where users are
@@ -23,10 +24,6 @@ moment of promotion over the promoted runs (null if none).
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -293,115 +290,3 @@ def simulate(
                 progress(f"{name} {effect_name}: done")
         out[name] = summarise(results)
     return {"scenarios": out}
-
-
-def _table(report: dict[str, Any]) -> str:
-    cols = ("false_promotion_rate", "false_rollback_rate", "power_plus5", "power_plus10",
-            "rollback_power_minus5", "mean_votes_plus5", "mean_votes_plus10")
-    heads = ("false+", "false-", "pow+5", "pow+10", "rb-5", "votes+5", "votes+10")
-    lines = [f"{'scenario':<13} {'method':<11} " + " ".join(f"{h:>8}" for h in heads)]
-    for name, methods in report["scenarios"].items():
-        for method, m in methods.items():
-            cells = []
-            for c in cols:
-                v = m[c]
-                cells.append(f"{'-':>8}" if v is None else
-                             f"{v:>8.0f}" if c.startswith("mean") else f"{v:>8.3f}")
-            lines.append(f"{name:<13} {method:<11} " + " ".join(cells))
-    return "\n".join(lines)
-
-
-def _handler(args: argparse.Namespace) -> int:
-    if getattr(args, "loop", False):
-        from analytics.loop_simulation import run_from_args
-
-        return run_from_args(args)
-    if getattr(args, "check_gbstats", None):
-        return _check_gbstats(args)
-    if args.runs is None:
-        args.runs = 1000
-    if args.runs < 1:
-        print("simulate: --runs must be at least 1", file=sys.stderr)
-        return 2
-    started = time.monotonic()
-    config = DecisionConfig()
-    settings_path = getattr(args, "config", None)
-    if settings_path:
-        from bot.config import load_settings  # only when a config file is given
-
-        config = load_settings(settings_path).experiment
-    try:
-        report = simulate(args.runs, args.seed, args.scenarios, config,
-                          progress=None if args.json else
-                          (lambda msg: print(msg, file=sys.stderr)))
-    except ValueError as exc:
-        print(f"simulate: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(_table(report))
-        print(f"\n{args.runs} runs per scenario and effect, seed {args.seed}, "
-              f"{time.monotonic() - started:.0f} s", file=sys.stderr)
-    return 0
-
-
-def _check_gbstats(args: argparse.Namespace) -> int:
-    from analytics.gbstats_check import GbstatsUnavailable, compare, simulated_counts
-
-    runs = 20 if args.runs is None else args.runs
-    if runs < 1:
-        print("simulate: --runs must be at least 1", file=sys.stderr)
-        return 2
-    counts = simulated_counts(runs, args.seed)
-    try:
-        agreement = compare(args.check_gbstats, counts)
-    except GbstatsUnavailable as exc:
-        print(f"simulate: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(agreement.as_json(), indent=2))
-    else:
-        diffs = ", ".join(f"{k} {v:.1e}" for k, v in agreement.max_abs_diff.items())
-        print(f"GrowthBook column vs gbstats on {agreement.looks} looks of {agreement.runs} "
-              f"simulated runs (every scenario and effect): largest differences {diffs}; "
-              f"{agreement.flag_disagreements} looks and {agreement.decision_disagreements} "
-              f"runs decided differently: {'they agree' if agreement.ok else 'THEY DIFFER'}")
-    return 0 if agreement.ok else 1
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = subparsers.add_parser(
-        "simulate",
-        help="benchmark the decision engine against naive and GrowthBook on simulated traffic",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--runs", type=int, default=None,
-                        help="runs per scenario and effect (default 1000; 20 with "
-                             "--check-gbstats)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), default=None,
-                        metavar="NAME", help=f"subset of {', '.join(SCENARIOS)}")
-    parser.add_argument("--check-gbstats", metavar="PYTHON", default=None,
-                        help="instead of the benchmark, compare its GrowthBook column with "
-                             "gbstats 0.8.0 run by PYTHON (an interpreter of a separate "
-                             "environment with `pip install gbstats==0.8.0`: it needs numpy<2)")
-    from analytics.loop_simulation import add_loop_arguments
-
-    add_loop_arguments(parser)
-    parser.set_defaults(func=_handler)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (``python -m analytics.simulate``) for use without the bot's CLI."""
-    parser = argparse.ArgumentParser(prog="simulate")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["simulate", *(argv or sys.argv[1:])])
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-

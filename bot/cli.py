@@ -8,6 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from bot.errors import LoopbotError
+
 # Modules exposing ``register(subparsers)``; imported when the parser is built, so each keeps
 # its heavy imports (llama.cpp, telegram, matplotlib) inside its handlers.
 COMMAND_MODULES = (
@@ -19,7 +21,7 @@ COMMAND_MODULES = (
     "bot.ops.backup_cli",
     "bot.experiment_cli",
     "bot.learning_cli",
-    "analytics.simulate",
+    "bot.simulate_cli",
 )
 
 
@@ -68,14 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=(args.log_level or "WARNING").upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-    from bot.config import ConfigError
-    from bot.llm.types import InferenceError
-    from bot.prompts import PromptError
-    from bot.versions import VersionError
-
     try:
         code: int = args.func(args)
-    except (ConfigError, PromptError, InferenceError, VersionError) as exc:
+    except LoopbotError as exc:
         print(f"loopbot: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

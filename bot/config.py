@@ -18,9 +18,11 @@ from typing import Any
 import yaml
 
 from analytics.decide import DecisionConfig
+from bot.errors import LoopbotError
+from bot.learning.cycle import LoopConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(LoopbotError, ValueError):
     """A setting is missing, unknown or of the wrong type; the message names the key."""
 
 
@@ -107,19 +109,6 @@ class PromptsConfig:
 
 
 @dataclass
-class LoopConfig:
-    # "automatic": mined candidates go to canary after the offline check;
-    # "suggest": they wait for an admin's /approve; "off": no mining.
-    mode: str = "suggest"
-    error_rate_trigger: float = 0.15
-    min_credible_votes: int = 100
-    offline_margin: float = 0.0
-    # Optional OpenAI-compatible endpoint proposing revised instructions (empty = off).
-    llm_endpoint: str = ""
-    llm_model: str = ""
-
-
-@dataclass
 class HealthConfig:
     # Port of the /healthz and /metrics endpoint; 0 = off.
     port: int = 0
@@ -185,6 +174,12 @@ def _type_name(tp: Any) -> str:
 def _coerce(key: str, value: Any, tp: Any, *, from_text: bool) -> Any:
     """Check (or, for env/flag strings, convert) one value against its declared type."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            choices = ", ".join(repr(a) for a in allowed)
+            raise ConfigError(f"{key}: must be one of {choices}, got {value!r}")
+        return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if from_text and isinstance(value, str):

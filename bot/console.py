@@ -36,7 +36,7 @@ async def run_console(settings: Settings, *, stdin: TextIO, stdout: TextIO, user
 
     model = resolve_model(settings)
     versions = load_directory(prompts_directory(settings))
-    from bot.ops.backup import open_configured_database
+    from bot.store.backup import open_configured_database
 
     store = Store(await open_configured_database(settings))
     runtime = ModelRuntime(model, settings.model)

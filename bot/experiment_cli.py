@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from bot.prompts import PromptVersion
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "analyze", help="run the experiment analysis once (what the hourly job does)",
         description="Decide for every candidate version (promote, revert, retire, ramp, "
@@ -90,7 +90,7 @@ def _last_change(db_path: str) -> float | None:
 async def _analyze(prompt_versions: Mapping[str, PromptVersion], settings: Settings,
                    now: float, *, apply: bool) -> list[Outcome]:
     from bot.experiment import analyze
-    from bot.ops.backup import open_configured_database
+    from bot.store.backup import open_configured_database
 
     db = await open_configured_database(settings)
     try:

@@ -28,8 +28,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from analytics.candidates import sanitize_text
 from analytics.credibility import LabelledText
+from bot.learning.candidates import sanitize_text
 from bot.prompts import PromptVersion
 
 FORMATS = ("sft", "dpo")
@@ -96,7 +96,7 @@ def write_jsonl(records: Iterable[dict[str, Any]], out: Path) -> int:
 
 async def _with_db(args: argparse.Namespace) -> tuple[Any, Any]:
     from bot.config import load_settings, resolve_path
-    from bot.ops.backup import open_configured_database
+    from bot.store.backup import open_configured_database
 
     settings = load_settings(getattr(args, "config", None),
                              overrides={"storage.db": args.db})
@@ -107,8 +107,8 @@ async def _with_db(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 async def _report(args: argparse.Namespace) -> int:
-    from bot.learning import build_report
-    from bot.learning_texts import report_text
+    from bot.learning.loop import build_report
+    from bot.telegram.learning_texts import report_text
 
     settings, db = await _with_db(args)
     try:
@@ -127,7 +127,7 @@ async def _export(args: argparse.Namespace) -> int:
     from analytics.credibility import build_credible_set
     from bot import versions as version_state
     from bot.config import prompts_directory
-    from bot.learning import load_vote_records
+    from bot.learning.loop import load_vote_records
     from bot.prompts import load_directory
 
     settings, db = await _with_db(args)

@@ -17,7 +17,7 @@ async def _states(settings: Settings) -> dict[str, str]:
     if not db.is_file():
         return {}
     from bot import versions
-    from bot.ops.backup import open_configured_database
+    from bot.store.backup import open_configured_database
 
     database = await open_configured_database(settings)
     try:

@@ -13,12 +13,14 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bot.errors import LoopbotError
+
 BUCKETS = 10_000
 ACTIVE = "active"
 CANDIDATE = "candidate"
 
 
-class RoutingError(ValueError):
+class RoutingError(LoopbotError, ValueError):
     """The requested traffic split cannot be laid out in the bucket space."""
 
 

@@ -23,7 +23,7 @@ from analytics.stats import AccuracySummary, accuracy_summary
 from bot import routing, versions
 from bot.config import Settings
 from bot.llm.types import ChatTurn, InferenceError, Reply, Verdict
-from bot.ops import metrics
+from bot.metrics_sink import NO_METRICS, MetricsSink
 from bot.prompts import PromptVersion
 from bot.store.queries import (
     AccuracyPoint,
@@ -186,8 +186,10 @@ def reaction_polarity(emojis: Sequence[str], positive: Sequence[str],
 
 class Service:
     def __init__(self, settings: Settings, store: Store, runtime: InferenceRuntime,
-                 prompt_versions: Mapping[str, PromptVersion]) -> None:
+                 prompt_versions: Mapping[str, PromptVersion], *,
+                 metrics: MetricsSink = NO_METRICS) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.store = store
         self.runtime = runtime
         self.versions = dict(prompt_versions)
@@ -247,10 +249,10 @@ class Service:
         limit = self.settings.telegram.max_message_chars
         text = msg.text[:limit] if limit > 0 else msg.text
         version, assignment = await self.route(msg.user_id)
-        metrics.count_message()
+        self.metrics.count_message()
         verdict = await self.runtime.classify(version, text) if with_verdict else None
         if verdict is not None:
-            metrics.observe_verdict(verdict.latency_ms / 1000.0)
+            self.metrics.observe_verdict(verdict.latency_ms / 1000.0)
         interaction, created = await self.store.insert_interaction(NewInteraction(
             chat_id=msg.chat_id, user_id=msg.user_id, message_id=msg.message_id, text=text,
             version_id=version.id, arm=assignment.arm, bucket=assignment.bucket,
@@ -280,7 +282,7 @@ class Service:
             history += [ChatTurn("user", user_text), ChatTurn("assistant", bot_text)]
         reply = await self.runtime.reply(version, history, interaction.text or "",
                                          on_text=on_text)
-        metrics.observe_reply(reply.latency_ms / 1000.0)
+        self.metrics.observe_reply(reply.latency_ms / 1000.0)
         await self.store.set_reply(interaction.id, reply.text, reply.latency_ms)
         return reply
 
@@ -324,7 +326,7 @@ class Service:
         vote = await self.store.upsert_vote(interaction.id, user_id, correct=correct,
                                             correct_label=correct_label)
         if vote.created_at == vote.updated_at:  # a first vote, not a changed one
-            metrics.count_vote(interaction.version_id, correct)
+            self.metrics.count_vote(interaction.version_id, correct)
         return VoteOutcome(True, interaction, vote, ask_label=ask_label)
 
     async def record_reaction(self, chat_id: int, message_id: int, user_id: int,
@@ -398,7 +400,7 @@ class Service:
                                         state.active.version_id if state.active else None)
         entry = await versions.promote(self.store.db, version_id, self.versions, actor=actor,
                                        reason=reason, stats=stats)
-        metrics.count_decision(entry.action)
+        self.metrics.count_decision(entry.action)
         return entry
 
     async def rollback(self, *, actor: str, reason: str) -> versions.AuditEntry:
@@ -408,7 +410,7 @@ class Service:
                                         active.replaced if active else None)
         entry = await versions.rollback(self.store.db, self.versions, actor=actor,
                                         reason=reason, stats=stats)
-        metrics.count_decision(entry.action)
+        self.metrics.count_decision(entry.action)
         return entry
 
     async def set_canary(self, version_id: str, percent: float, *, actor: str, reason: str
@@ -416,14 +418,14 @@ class Service:
         stats = await self._audit_stats(version_id)
         entry = await versions.set_canary(self.store.db, version_id, percent, self.versions,
                                           actor=actor, reason=reason, stats=stats)
-        metrics.count_decision(entry.action)
+        self.metrics.count_decision(entry.action)
         return entry
 
     async def retire(self, version_id: str, *, actor: str, reason: str) -> versions.AuditEntry:
         stats = await self._audit_stats(version_id)
         entry = await versions.retire(self.store.db, version_id, actor=actor, reason=reason,
                                       stats=stats)
-        metrics.count_decision(entry.action)
+        self.metrics.count_decision(entry.action)
         return entry
 
 

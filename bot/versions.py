@@ -16,6 +16,7 @@ from typing import Any
 import aiosqlite
 
 from bot import routing
+from bot.errors import LoopbotError
 from bot.prompts import PromptVersion
 from bot.store.db import Database, fetchall, fetchone
 
@@ -24,7 +25,7 @@ CANDIDATE = "candidate"
 RETIRED = "retired"
 
 
-class VersionError(ValueError):
+class VersionError(LoopbotError, ValueError):
     """A requested state change is not possible; the message says why, for the admin."""
 
 

@@ -25,6 +25,8 @@ from http.client import HTTPMessage
 from pathlib import Path
 from typing import IO, TextIO
 
+from bot.errors import LoopbotError
+
 DEFAULT_BASE_URL = "https://huggingface.co"
 _CHUNK = 1 << 20
 _ATTEMPTS = 3
@@ -32,7 +34,7 @@ _USER_AGENT = "loopbot-model-fetch/1.0"
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
 
 
-class FetchError(RuntimeError):
+class FetchError(LoopbotError, RuntimeError):
     """The model could not be downloaded; the message says what to do instead."""
 
 

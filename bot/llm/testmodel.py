@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bot.errors import LoopbotError
 from bot.llm import vocab as vocabs
 
 # Sentences the tiny vocabulary learns its merges from: the labels and the words of the
@@ -78,7 +79,7 @@ SHAPES: dict[str, Shape] = {
 QUANTS = ("f16", "q8_0")
 
 
-class ModelBuildError(RuntimeError):
+class ModelBuildError(LoopbotError, RuntimeError):
     """The test model could not be built (bad arguments or a failed quantisation)."""
 
 

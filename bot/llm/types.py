@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bot.errors import LoopbotError
 
-class InferenceError(RuntimeError):
+
+class InferenceError(LoopbotError, RuntimeError):
     """The model could not answer this request; the runtime keeps serving others."""
 
 

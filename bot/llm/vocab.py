@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from bot.errors import LoopbotError
+
 # Values of gguf.TokenType; kept here so this module does not import gguf.
 TOKEN_NORMAL = 1
 TOKEN_CONTROL = 3
@@ -48,7 +50,7 @@ QWEN_VOCAB_SIZE = 151936  # embedding rows of Qwen1.5 (tokenizer ids + unused pa
 QWEN_RANK_COUNT = 151643
 
 
-class VocabError(RuntimeError):
+class VocabError(LoopbotError, RuntimeError):
     """A vocabulary source is missing or malformed."""
 
 

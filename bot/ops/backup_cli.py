@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from bot.config import Settings
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     backup = subparsers.add_parser(
         "backup", help="copy the database consistently (safe while the bot runs)",
         description="Take a consistent copy of the live database with SQLite's online backup. "
@@ -49,7 +49,7 @@ def run_backup(args: argparse.Namespace) -> int:
     import asyncio
 
     from bot.config import resolve_path
-    from bot.ops.backup import BackupError, backup_and_rotate, backup_database
+    from bot.store.backup import BackupError, backup_and_rotate, backup_database
 
     settings = _settings(args)
     db = resolve_path(settings, settings.storage.db)
@@ -69,7 +69,7 @@ def run_backup(args: argparse.Namespace) -> int:
 
 def run_restore(args: argparse.Namespace) -> int:
     from bot.config import resolve_path
-    from bot.ops.backup import BackupError, restore_database
+    from bot.store.backup import BackupError, restore_database
 
     settings = _settings(args)
     db = resolve_path(settings, settings.storage.db)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 
+from bot.learning.cycle import VOTE_WINDOW_S
 from bot.store.db import Database
 from bot.store.queries import Store
 
@@ -25,7 +26,8 @@ async def erase_old_texts(db: Database, days: int, now: float | None = None) -> 
         return 0
     at = time.time() if now is None else now
     # The store owns the UPDATE, so /forget and retention blank the same columns.
-    erased = await Store(db).erase_texts_before(at - days * DAY_S, now=at)
+    erased = await Store(db).erase_texts_before(at - days * DAY_S, now=at,
+                                               quote_window_s=VOTE_WINDOW_S)
     if erased:
         log.info("retention: erased the texts of %d interactions older than %d days",
                  erased, days)

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import aiosqlite
 
+from bot.errors import LoopbotError
+
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _MIGRATION_RE = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 
 
-class MigrationError(RuntimeError):
+class MigrationError(LoopbotError, RuntimeError):
     """The migrations on disk and the schema in the database do not fit together."""
 
 

@@ -402,9 +402,11 @@ class Store:
         assert own is not None
         return ForgetResult(interactions=deleted, votes=int(own[0]), reactions=int(own[1]))
 
-    async def erase_texts_before(self, cutoff: float, now: float | None = None) -> int:
+    async def erase_texts_before(self, cutoff: float, now: float | None = None, *,
+                                 quote_window_s: float) -> int:
         """Retention: blank message and reply texts of interactions older than ``cutoff``;
-        verdicts, votes and reactions stay for the statistics."""
+        verdicts, votes and reactions stay for the statistics. ``quote_window_s``: how far
+        back the improvement loop's mining reports quote texts (its vote window)."""
         at = time.time() if now is None else now
         async with self.db.transaction() as conn:
             cur = await conn.execute(
@@ -414,9 +416,7 @@ class Store:
             )
             # Mining reports quote texts of the vote window before they were made: one made
             # up to a window after the cutoff may quote a text erased now.
-            from analytics.loop_cycle import VOTE_WINDOW_S
-
             await conn.execute("UPDATE candidate_proposals SET report = '{}'"
                                " WHERE report != '{}' AND created_at < ?",
-                               (cutoff + VOTE_WINDOW_S,))
+                               (cutoff + quote_window_s,))
             return cur.rowcount

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from telegram import BotCommand, Update
 from telegram.error import TelegramError
@@ -21,29 +20,29 @@ from telegram.ext import (
     Application,
     CallbackQueryHandler,
     CommandHandler,
-    ContextTypes,
     MessageHandler,
     MessageReactionHandler,
     filters,
 )
 
 from bot.config import Settings, prompts_directory
+from bot.ops.metrics import METRICS
 from bot.prompts import load_directory
 from bot.service import Service
 from bot.store.queries import Store
 from bot.telegram.handlers import admin, callbacks, messages, reactions, user_commands
-from bot.telegram.state import KEY, BotState
+from bot.telegram.jobs import schedule_experiment_job, schedule_learning_job
+from bot.telegram.ops_hooks import ops_post_init
+from bot.telegram.state import CONTEXT_TYPES, BotApp, BotContext, PostInitHook, new_job_queue
 
 log = logging.getLogger(__name__)
 
 ALLOWED_UPDATES = (Update.MESSAGE, Update.CALLBACK_QUERY, Update.MESSAGE_REACTION)
-PostInitHook = Callable[[Application], Awaitable[None]]  # type: ignore[type-arg]
-# Hooks every bot gets, as "module:function" (imported when the bot is built, so a feature's
-# imports stay out of the CLI's start-up). Each runs in post_init once the service is up.
-DEFAULT_POST_INIT_HOOKS: tuple[str, ...] = (
-    "bot.ops.hooks:ops_post_init",  # health endpoint, retention and backup jobs
-    "bot.telegram.jobs:schedule_experiment_job",  # the experiment analysis (decision engine)
-    "bot.telegram.jobs:schedule_learning_job",  # mining corrected mistakes into candidates
+# Hooks every bot gets; each runs in post_init once the service is up.
+DEFAULT_POST_INIT_HOOKS: tuple[PostInitHook, ...] = (
+    ops_post_init,  # health endpoint, retention and backup jobs
+    schedule_experiment_job,  # the experiment analysis (decision engine)
+    schedule_learning_job,  # mining corrected mistakes into candidates
 )
 USER_COMMANDS = (
     ("start", "start / 开始"),
@@ -53,23 +52,17 @@ USER_COMMANDS = (
 )
 
 
-def state_of_app(app: Application) -> BotState:  # type: ignore[type-arg]
-    state = app.bot_data[KEY]
-    assert isinstance(state, BotState)
-    return state
-
-
-async def _post_init(app: Application) -> None:  # type: ignore[type-arg]
+async def _post_init(app: BotApp) -> None:
     from bot.llm.model_path import resolve_model
     from bot.llm.runtime import ModelRuntime
 
-    state = state_of_app(app)
+    state = app.bot_data
     settings = state.settings
     state.loop = asyncio.get_running_loop()
     prompt_versions = load_directory(prompts_directory(settings))
     # May download the default model the first time: off the event loop.
     model = await asyncio.to_thread(resolve_model, settings)
-    from bot.ops.backup import open_configured_database
+    from bot.store.backup import open_configured_database
 
     # An upgrade's migrations run at start: the database is copied first, so it can be undone.
     store = Store(await open_configured_database(settings))
@@ -77,7 +70,7 @@ async def _post_init(app: Application) -> None:  # type: ignore[type-arg]
     runtime = ModelRuntime(model, settings.model)
     state.closers.append(runtime.close)
     await runtime.start()
-    service = Service(settings, store, runtime, prompt_versions)
+    service = Service(settings, store, runtime, prompt_versions, metrics=METRICS)
     active = await service.start()
     state.service = service
     try:
@@ -90,8 +83,8 @@ async def _post_init(app: Application) -> None:  # type: ignore[type-arg]
         await hook(app)
 
 
-async def _post_shutdown(app: Application) -> None:  # type: ignore[type-arg]
-    state = state_of_app(app)
+async def _post_shutdown(app: BotApp) -> None:
+    state = app.bot_data
     state.service = None
     # Model first (it may still be finishing a job that the store would record), then the DB.
     for close in reversed(state.closers):
@@ -103,32 +96,26 @@ async def _post_shutdown(app: Application) -> None:  # type: ignore[type-arg]
     log.info("loopbot stopped: model and database closed")
 
 
-async def _on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def _on_error(update: object, context: BotContext) -> None:
     log.error("error while handling update %s", getattr(update, "update_id", update),
               exc_info=context.error)
 
 
-def default_post_init_hooks() -> list[PostInitHook]:
-    hooks: list[PostInitHook] = []
-    for spec in DEFAULT_POST_INIT_HOOKS:
-        module, _, name = spec.partition(":")
-        hooks.append(getattr(importlib.import_module(module), name))
-    return hooks
-
-
 def build_application(
     settings: Settings, *, post_init_hooks: Sequence[PostInitHook] | None = None
-) -> Application:  # type: ignore[type-arg]
+) -> BotApp:
     """The bot, ready for ``run_polling``. ``post_init_hooks`` run after the service is up
     (scheduled jobs of other features register there); ``None`` means
     :data:`DEFAULT_POST_INIT_HOOKS`."""
     if post_init_hooks is None:
-        post_init_hooks = default_post_init_hooks()
+        post_init_hooks = DEFAULT_POST_INIT_HOOKS
     tg = settings.telegram
     if not tg.token:
         raise ValueError("no bot token: set TELEGRAM_BOT_TOKEN (from @BotFather)")
     app = (
         Application.builder()
+        .context_types(CONTEXT_TYPES)
+        .job_queue(new_job_queue())
         .token(tg.token)
         .base_url(tg.base_url)
         .base_file_url(tg.base_file_url)
@@ -141,12 +128,13 @@ def build_application(
         .post_shutdown(_post_shutdown)
         .build()
     )
-    app.bot_data[KEY] = BotState(settings=settings, post_init_hooks=list(post_init_hooks))
+    app.bot_data.settings = settings
+    app.bot_data.post_init_hooks = list(post_init_hooks)
     add_handlers(app)
     return app
 
 
-def add_handlers(app: Application) -> None:  # type: ignore[type-arg]
+def add_handlers(app: BotApp) -> None:
     for name, callback in (
         ("start", user_commands.start),
         ("help", user_commands.help_command),
@@ -173,18 +161,18 @@ def add_handlers(app: Application) -> None:  # type: ignore[type-arg]
     app.add_error_handler(_on_error)
 
 
-def run_polling(app: Application, *, handle_signals: bool = True,  # type: ignore[type-arg]
+def run_polling(app: BotApp, *, handle_signals: bool = True,
                 close_loop: bool = True) -> None:
     """Long polling until SIGINT/SIGTERM (or ``stop_running``); then a graceful shutdown.
     ``handle_signals=False`` when not on the main thread (tests run the bot in a thread)."""
-    state = state_of_app(app)
+    state = app.bot_data
     run_until_stopped(app, functools.partial(
         app.run_polling, allowed_updates=list(ALLOWED_UPDATES),
         timeout=state.settings.telegram.poll_timeout_s), handle_signals=handle_signals,
         close_loop=close_loop)
 
 
-def run_until_stopped(app: Application, start: Callable[..., None], *,  # type: ignore[type-arg]
+def run_until_stopped(app: BotApp, start: Callable[..., None], *,
                       handle_signals: bool = True, close_loop: bool = True) -> None:
     """Run PTB's ``run_polling``/``run_webhook`` (``start``) and make sure the model and the
     database are closed however it ends.
@@ -212,7 +200,7 @@ def run_until_stopped(app: Application, start: Callable[..., None], *,  # type: 
             raise
         log.warning("stopped while starting up (%s); closing what was opened", exc)
     finally:
-        if state_of_app(app).closers:
+        if app.bot_data.closers:
             loop.run_until_complete(_post_shutdown(app))
         if close_loop:
             loop.close()

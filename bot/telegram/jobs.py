@@ -13,17 +13,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
-from bot import learning, learning_texts
 from bot.experiment import analyze
-from bot.ops import metrics
-
-if TYPE_CHECKING:
-    from telegram.ext import Application, CallbackContext
-
-    AnyApp = Application[Any, Any, Any, Any, Any, Any]
-    AnyContext = CallbackContext[Any, Any, Any, Any]
+from bot.learning import loop as learning
+from bot.telegram import learning_texts
+from bot.telegram.state import BotApp, BotContext
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +33,11 @@ class JobData:
     clock: Callable[[], float] = time.time
 
 
-async def schedule_experiment_job(application: AnyApp, *, first: float = FIRST_RUN_S,
+async def schedule_experiment_job(application: BotApp, *, first: float = FIRST_RUN_S,
                                   clock: Callable[[], float] = time.time) -> None:
     """A ``post_init`` hook (see :data:`bot.telegram.app.DEFAULT_POST_INIT_HOOKS`): schedule
     the analysis every ``experiment.interval_minutes``, the first run after ``first`` s."""
-    from bot.telegram.state import KEY, BotState
-
-    state = application.bot_data[KEY]
-    assert isinstance(state, BotState)
+    state = application.bot_data
     queue = application.job_queue
     if queue is None:
         raise RuntimeError("python-telegram-bot was installed without the job-queue extra")
@@ -59,14 +50,12 @@ async def schedule_experiment_job(application: AnyApp, *, first: float = FIRST_R
              state.settings.experiment.interval_minutes, first)
 
 
-async def run_experiment_job(context: AnyContext) -> None:
-    from bot.telegram.state import KEY, BotState
-
+async def run_experiment_job(context: BotContext) -> None:
     data = context.job.data if context.job else None
     clock = data.clock if isinstance(data, JobData) else time.time
-    state = context.application.bot_data.get(KEY)
-    service = state.service if isinstance(state, BotState) else None
-    if state is None or service is None:
+    state = context.state
+    service = state.service
+    if service is None:
         return  # still starting or already stopping: the next run does it
     try:
         outcomes = await analyze(service.store.db, service.versions, state.settings.experiment,
@@ -79,7 +68,7 @@ async def run_experiment_job(context: AnyContext) -> None:
                  outcome.action, outcome.decision.rule,
                  f" — error: {outcome.error}" if outcome.error else "")
         if outcome.applied:
-            metrics.count_decision(outcome.action)
+            service.metrics.count_decision(outcome.action)
         if not outcome.notable:
             continue
         for admin in state.settings.telegram.admins:
@@ -94,14 +83,11 @@ LEARNING_JOB = "loopbot-learning"
 LEARNING_INTERVAL_S = 3600.0
 
 
-async def schedule_learning_job(application: AnyApp, *, first: float = 120.0,
+async def schedule_learning_job(application: BotApp, *, first: float = 120.0,
                                 interval: float = LEARNING_INTERVAL_S) -> None:
     """A ``post_init`` hook: the improvement loop (mine → candidate → offline check →
     canary or proposal), unless ``loop.mode`` is "off"."""
-    from bot.telegram.state import KEY, BotState
-
-    state = application.bot_data[KEY]
-    assert isinstance(state, BotState)
+    state = application.bot_data
     if state.settings.loop.mode == "off" or application.job_queue is None:
         return
     application.job_queue.run_repeating(
@@ -110,12 +96,10 @@ async def schedule_learning_job(application: AnyApp, *, first: float = 120.0,
     log.info("improvement loop (%s) every %g min", state.settings.loop.mode, interval / 60)
 
 
-async def run_learning_job(context: AnyContext) -> None:
-    from bot.telegram.state import KEY, BotState
-
-    state = context.application.bot_data.get(KEY)
-    service = state.service if isinstance(state, BotState) else None
-    if state is None or service is None:
+async def run_learning_job(context: BotContext) -> None:
+    state = context.state
+    service = state.service
+    if service is None:
         return
     try:
         result = await learning.run_cycle(service)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "run", help="run the Telegram bot (long polling, or a webhook with --webhook-url)",
         description="Run the Telegram bot. The token comes from TELEGRAM_BOT_TOKEN (or the "
@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--model", help="GGUF model file")
     parser.add_argument("--db", help="SQLite database file")
     parser.add_argument("--prompts", help="directory of prompt version YAML files")
-    from bot.ops.run_options import add_run_arguments
+    from bot.telegram.run_options import add_run_arguments
 
     add_run_arguments(parser)  # --health-port, --webhook-url, --listen, --log-json
     parser.set_defaults(func=run, configures_logging=True)
@@ -28,8 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 def run(args: argparse.Namespace) -> int:
     from bot.config import ConfigError, load_settings
-    from bot.ops.run_options import run_overrides
     from bot.telegram.app import build_application
+    from bot.telegram.run_options import run_overrides
 
     try:
         settings = load_settings(args.config, overrides={
@@ -59,10 +59,10 @@ def run(args: argparse.Namespace) -> int:
     from telegram.error import InvalidToken, NetworkError
 
     from bot.llm.types import InferenceError
-    from bot.ops.backup import BackupError
-    from bot.ops.run_options import serve
     from bot.prompts import PromptError
+    from bot.store.backup import BackupError
     from bot.store.db import MigrationError
+    from bot.telegram.run_options import serve
     from bot.versions import VersionError
 
     app = build_application(settings)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.config import Settings, load_settings
-from bot.telegram.app import build_application, run_polling, state_of_app
+from bot.telegram.app import build_application, run_polling
 from tests.fakebotapi import FakeBotAPI
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ class BotHarness:
 
     def start(self, timeout: float = 30.0) -> BotHarness:
         self._thread.start()
-        state = state_of_app(self.app)
+        state = self.app.bot_data
         # Ready once the service is up and the first long poll arrived.
         self.api.wait_for(lambda: self.error is not None or (
             state.service is not None and self.api.calls_to("getUpdates")), timeout)
@@ -53,7 +53,7 @@ class BotHarness:
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        state = state_of_app(self.app)
+        state = self.app.bot_data
         if state.loop is not None and self._thread.is_alive():
             state.loop.call_soon_threadsafe(self.app.stop_running)
         self._thread.join(timeout)

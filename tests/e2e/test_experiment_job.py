@@ -21,7 +21,6 @@ from bot import experiment_cli, versions
 from bot.prompts import load_directory
 from bot.store.db import Database
 from bot.telegram import jobs
-from bot.telegram.app import state_of_app
 from tests.e2e.botharness import ADMIN_ID, ROOT, BotHarness
 from tests.fakebotapi import FakeBotAPI
 from tests.unit.test_experiment import B, fill, start_test
@@ -67,7 +66,7 @@ def test_scheduled_job_decides_messages_admins_and_matches_loopbot_analyze(
 
     harness = BotHarness(fake_api, tiny_gguf, job_db,
                          overrides={"experiment.interval_minutes": 0.01})  # every 0.6 s
-    state_of_app(harness.app).post_init_hooks = [
+    harness.app.bot_data.post_init_hooks = [
         functools.partial(jobs.schedule_experiment_job, first=0.2, clock=lambda: now)]
     harness.start()
     try:

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from bot.config import Settings, load_settings
-from bot.ops.hooks import ops_post_init
-from bot.ops.webhook import run_webhook
-from bot.telegram.app import build_application, run_polling, state_of_app
+from bot.telegram.app import build_application, run_polling
+from bot.telegram.ops_hooks import ops_post_init
+from bot.telegram.webhook import run_webhook
 from tests.fakebotapi import FakeBotAPI
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,7 +125,7 @@ class RunningBot:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        state = state_of_app(self.app)
+        state = self.app.bot_data
         if state.loop is not None and self._thread.is_alive():
             state.loop.call_soon_threadsafe(self.app.stop_running)
         self._thread.join(30)

@@ -12,7 +12,10 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
-from analytics.candidates import (
+from analytics.credibility import Judged, LabelledText
+from analytics.mining import mine
+from bot.config import ModelConfig
+from bot.learning.candidates import (
     CandidateConfig,
     CandidateError,
     generate_candidate,
@@ -23,9 +26,6 @@ from analytics.candidates import (
     sanitize_text,
     with_instruction,
 )
-from analytics.credibility import Judged, LabelledText
-from analytics.mining import mine
-from bot.config import ModelConfig
 from bot.llm import chatml
 from bot.llm.runtime import ModelRuntime
 from bot.prompts import load_version, parse_version, write_version

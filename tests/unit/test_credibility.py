@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from analytics.candidates import CandidateConfig, generate_candidate
 from analytics.credibility import (
     CredibilityConfig,
     VoteRecord,
@@ -14,6 +13,7 @@ from analytics.credibility import (
     normalize,
 )
 from analytics.mining import mine
+from bot.learning.candidates import CandidateConfig, generate_candidate
 from bot.prompts import load_version
 
 PROMPTS = Path(__file__).resolve().parents[2] / "prompts"

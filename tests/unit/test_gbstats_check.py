@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analytics.gbstats_check import (
+from analytics.simulate import EFFECTS, HOURS, SCENARIOS
+from bot.cli import main as cli_main
+from bot.gbstats_check import (
     GbstatsUnavailable,
     agreement,
     gbstats_results,
     simulated_counts,
 )
-from analytics.simulate import EFFECTS, HOURS, SCENARIOS, main
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +40,8 @@ def gbstats_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_the_growthbook_column_decides_as_gbstats_does(
         gbstats_python: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--check-gbstats", str(gbstats_python), "--runs", "4", "--json"]) == 0
+    assert cli_main(["simulate", "--check-gbstats", str(gbstats_python), "--runs", "4",
+                     "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["agree"] is True
     assert report["runs"] == len(SCENARIOS) * len(EFFECTS) * 4
@@ -67,5 +69,5 @@ def test_an_interpreter_without_gbstats_is_named_with_the_fix() -> None:
 
 def test_a_missing_interpreter_is_a_clear_error(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--check-gbstats", str(tmp_path / "nothing"), "--runs", "1"]) == 2
+    assert cli_main(["simulate", "--check-gbstats", str(tmp_path / "nothing"), "--runs", "1"]) == 2
     assert "cannot run" in capsys.readouterr().err

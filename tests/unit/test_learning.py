@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from analytics.loop_cycle import PROPOSAL_TTL_S, VOTE_WINDOW_S
-from analytics.offline_eval import evaluate_offline
-from bot import learning, versions
+from bot import versions
 from bot.config import ModelConfig, Settings
-from bot.learning_texts import cycle_text, report_messages
+from bot.learning import loop as learning
+from bot.learning.cycle import PROPOSAL_TTL_S, VOTE_WINDOW_S, LoopMode
+from bot.learning.offline_eval import evaluate_offline
 from bot.llm.runtime import ModelRuntime
 from bot.prompts import load_directory, load_version
 from bot.service import Service
 from bot.store.queries import NewInteraction, Store
+from bot.telegram.learning_texts import cycle_text, report_messages
 
 PROMPTS = Path(__file__).resolve().parents[2] / "prompts"
 POS, NEG = "正面", "负面"
@@ -57,7 +58,7 @@ async def runtime(tiny_gguf: Path) -> AsyncIterator[ModelRuntime]:
         await rt.close()
 
 
-async def _service(tmp_path: Path, runtime: ModelRuntime, *, mode: str,
+async def _service(tmp_path: Path, runtime: ModelRuntime, *, mode: LoopMode,
                    margin: float) -> Service:
     prompts = tmp_path / "prompts"
     prompts.mkdir()

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from analytics.credibility import VoteRecord, normalize
-from analytics.loop_cycle import (
+from bot.learning.cycle import (
     PROPOSAL_TTL_S,
     VOTE_WINDOW_S,
+    LoopConfig,
     LoopState,
     PastProposal,
     analyse,
@@ -22,7 +23,6 @@ from analytics.loop_cycle import (
     recent_votes,
     status_after_check,
 )
-from bot.config import LoopConfig
 from bot.prompts import load_version
 
 PARENT = load_version(Path(__file__).resolve().parents[2] / "prompts" / "v1-zh.yaml")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from analytics.loop_simulation import corpus_paths, load_corpus, run_loop_simulation
-from bot.config import LoopConfig
+from bot.learning.cycle import LoopConfig
+from bot.learning.simulation import corpus_paths, load_corpus, run_loop_simulation
 
 
 def test_corpus_is_read_from_the_installed_package() -> None:
@@ -41,7 +41,7 @@ def test_accuracy_rises_with_adversaries_and_no_worse_version_is_promoted() -> N
 
 @pytest.mark.slow
 def test_suggest_mode_keeps_one_proposal_waiting_as_the_bot_does() -> None:
-    # The bot's cycle rules (analytics.loop_cycle): nobody approves in the simulation, so
+    # The bot's cycle rules (bot.learning.cycle): nobody approves in the simulation, so
     # the first passed candidate blocks the loop until its proposal expires after a week.
     result = run_loop_simulation(seed=0, weeks=1, users=600, messages_per_hour=80,
                                  eval_texts=800, loop=LoopConfig(mode="suggest"))

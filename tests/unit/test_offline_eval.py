@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from analytics.credibility import LabelledText
-from analytics.offline_eval import evaluate_offline, mcnemar_p, split_holdout
-from analytics.standin import StandInClassifier
 from bot.config import ModelConfig
+from bot.learning.offline_eval import evaluate_offline, mcnemar_p, split_holdout
+from bot.learning.standin import StandInClassifier
 from bot.llm.runtime import ModelRuntime
 from bot.prompts import Example, PromptVersion, load_version
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.ops.backup import (
+from bot.store.backup import (
     BackupError,
     backup_before_migrating,
     backup_database,

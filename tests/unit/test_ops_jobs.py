@@ -11,11 +11,11 @@ from telegram.ext import Application
 
 from bot.config import ConfigError, Settings, load_settings
 from bot.llm.runtime import ModelRuntime
-from bot.ops.backup import list_backups
-from bot.ops.jobs import BACKUP_JOB, RETENTION_JOB, schedule_ops_jobs
 from bot.service import Service
+from bot.store.backup import list_backups
 from bot.store.queries import NewInteraction, Store
-from bot.telegram.state import KEY, BotState
+from bot.telegram.ops_jobs import BACKUP_JOB, RETENTION_JOB, schedule_ops_jobs
+from bot.telegram.state import CONTEXT_TYPES, BotApp, new_job_queue
 
 
 def _settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -24,8 +24,9 @@ def _settings(tmp_path: Path, **overrides: Any) -> Settings:
         "storage.backup_dir": str(tmp_path / "backups"), **overrides})
 
 
-def _app() -> Application:  # type: ignore[type-arg]
-    return Application.builder().token("123:TEST").build()
+def _app() -> BotApp:
+    return (Application.builder().context_types(CONTEXT_TYPES).job_queue(new_job_queue())
+            .token("123:TEST").build())
 
 
 def test_both_jobs_are_scheduled_when_configured(tmp_path: Path) -> None:
@@ -63,8 +64,8 @@ async def test_running_the_jobs_backs_up_with_rotation_and_erases_old_texts(
     await store.upsert_vote(interaction.id, 1, correct=True, correct_label=None)
     app = _app()
     # The service as the bot has it after start-up (the runtime is not needed by these jobs).
-    app.bot_data[KEY] = BotState(settings=settings, service=Service(
-        settings, store, ModelRuntime(tiny_gguf, settings.model), {}))
+    app.bot_data.settings = settings
+    app.bot_data.service = Service(settings, store, ModelRuntime(tiny_gguf, settings.model), {})
     schedule_ops_jobs(app, settings)
     assert app.job_queue is not None
     jobs = {job.name: job for job in app.job_queue.jobs()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bot.config import ConfigError, TelegramConfig
-from bot.ops.webhook import parse_listen, plan_webhook
+from bot.telegram.webhook import parse_listen, plan_webhook
 
 
 @pytest.mark.parametrize(("value", "expected"), [

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from analytics.decide import DecisionConfig
-from analytics.simulate import HOURS, METHODS, SCENARIOS, main, register, simulate_arrays
+from analytics.simulate import HOURS, METHODS, SCENARIOS, simulate_arrays
+from bot.cli import main as cli_main
+from bot.simulate_cli import register
 
 KEYS = {"false_promotion_rate", "false_rollback_rate", "power_plus5", "power_plus10",
         "rollback_power_minus5", "mean_votes_plus5", "mean_votes_plus10"}
@@ -56,7 +58,7 @@ def test_register_adds_the_subcommand() -> None:
 
 @pytest.mark.slow
 def test_small_benchmark_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--json", "--runs", "30", "--seed", "1"]) == 0
+    assert cli_main(["simulate", "--json", "--runs", "30", "--seed", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report) == {"scenarios"}
     assert set(report["scenarios"]) == set(SCENARIOS)
@@ -76,7 +78,7 @@ def test_small_benchmark_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_bad_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--runs", "0"]) == 2
+    assert cli_main(["simulate", "--runs", "0"]) == 2
     assert "--runs" in capsys.readouterr().err
 
 

@@ -179,7 +179,7 @@ async def test_retention_erases_texts_and_keeps_votes(store: Store) -> None:
     new, _ = await store.insert_interaction(_new(2, at=5000.0))
     await store.set_reply(old.id, "old reply", 1.0)
     await store.upsert_vote(old.id, 7, correct=True, correct_label=None)
-    assert await store.erase_texts_before(2000.0) == 1
+    assert await store.erase_texts_before(2000.0, quote_window_s=0.0) == 1
     erased = await store.get_interaction(old.id)
     assert erased is not None and erased.text is None and erased.reply_text is None
     assert erased.label == "pos"

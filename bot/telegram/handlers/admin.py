@@ -16,29 +16,29 @@ from datetime import UTC, datetime
 from typing import Any
 
 from telegram import InputFile, Message, Update
-from telegram.ext import ContextTypes
 
 from analytics import charts
-from bot import experiment, learning, learning_texts, versions
+from bot import experiment, versions
+from bot.learning import loop as learning
 from bot.service import Service, VersionReport
-from bot.telegram import texts
-from bot.telegram.state import state_of
+from bot.telegram import learning_texts, texts
+from bot.telegram.state import BotContext
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Update, ContextTypes.DEFAULT_TYPE], Coroutine[Any, Any, None]]
-AdminHandler = Callable[[Update, ContextTypes.DEFAULT_TYPE, Message, Service, str],
+Handler = Callable[[Update, BotContext], Coroutine[Any, Any, None]]
+AdminHandler = Callable[[Update, BotContext, Message, Service, str],
                         Coroutine[Any, Any, None]]
 
 
 def admin_only(func: AdminHandler) -> Handler:
     @functools.wraps(func)
-    async def wrapper(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    async def wrapper(update: Update, context: BotContext) -> None:
         message, user = update.effective_message, update.effective_user
         if message is None or user is None:
             return
         lang = texts.language_of(user.language_code)
-        state = state_of(context)
+        state = context.state
         if user.id not in state.settings.telegram.admins:
             # Only the command word: its arguments are user text, kept out of the logs.
             command = (message.text or "").split(maxsplit=1)[0][:32] if message.text else "?"
@@ -85,7 +85,7 @@ def format_report(r: VersionReport) -> str:
 
 
 @admin_only
-async def stats(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Message,
+async def stats(update: Update, context: BotContext, message: Message,
                 service: Service, lang: str) -> None:
     reports = await service.stats()
     lines = ["📊 /stats"] + [format_report(r) for r in reports]
@@ -120,7 +120,7 @@ async def experiment_lines(service: Service) -> list[str]:
 
 
 @admin_only
-async def list_versions(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Message,
+async def list_versions(update: Update, context: BotContext, message: Message,
                         service: Service, lang: str) -> None:
     state = await versions.load(service.store.db)
     lines = ["🗂 versions"]
@@ -157,7 +157,7 @@ async def _change(message: Message, lang: str,
 
 
 @admin_only
-async def rollback(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Message,
+async def rollback(update: Update, context: BotContext, message: Message,
                    service: Service, lang: str) -> None:
     entry = await _change(message, lang, service.rollback(actor=_actor(update),
                                                           reason="/rollback by an admin"))
@@ -168,7 +168,7 @@ async def rollback(update: Update, context: ContextTypes.DEFAULT_TYPE, message: 
 
 
 @admin_only
-async def promote(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Message,
+async def promote(update: Update, context: BotContext, message: Message,
                   service: Service, lang: str) -> None:
     args = context.args or []
     if len(args) != 1:
@@ -183,7 +183,7 @@ async def promote(update: Update, context: ContextTypes.DEFAULT_TYPE, message: M
 
 
 @admin_only
-async def canary(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Message,
+async def canary(update: Update, context: BotContext, message: Message,
                  service: Service, lang: str) -> None:
     args = context.args or []
     try:
@@ -202,7 +202,7 @@ async def canary(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Me
 
 
 @admin_only
-async def retire(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Message,
+async def retire(update: Update, context: BotContext, message: Message,
                  service: Service, lang: str) -> None:
     """``/retire ID``: end a candidate's test by hand (works without its prompt file)."""
     args = context.args or []
@@ -222,7 +222,7 @@ MAX_UPLOAD_BYTES = 49 * 1024 * 1024
 
 
 @admin_only
-async def export(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Message,
+async def export(update: Update, context: BotContext, message: Message,
                  service: Service, lang: str) -> None:
     data, rows = await service.export_votes_csv()
     if rows <= 0:
@@ -241,7 +241,7 @@ async def export(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Me
 
 
 @admin_only
-async def report(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Message,
+async def report(update: Update, context: BotContext, message: Message,
                  service: Service, lang: str) -> None:
     """The prompt improvement report: error patterns with counts and examples."""
     result = await learning.build_report(service.store.db, service.settings)
@@ -250,7 +250,7 @@ async def report(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Me
 
 
 @admin_only
-async def approve(update: Update, context: ContextTypes.DEFAULT_TYPE, message: Message,
+async def approve(update: Update, context: BotContext, message: Message,
                   service: Service, lang: str) -> None:
     """``/approve ID``: a mined candidate that passed its offline check goes to canary."""
     if not context.args:

@@ -8,16 +8,15 @@ import logging
 from telegram import Message, Update
 from telegram.constants import ChatType
 from telegram.error import BadRequest
-from telegram.ext import ContextTypes
 
 from bot.store.queries import Vote
 from bot.telegram import keyboards, texts
-from bot.telegram.state import state_of
+from bot.telegram.state import BotContext
 
 log = logging.getLogger(__name__)
 
 
-async def on_vote(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def on_vote(update: Update, context: BotContext) -> None:
     query = update.callback_query
     if query is None:
         return
@@ -29,7 +28,7 @@ async def on_vote(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
                     query.data, query.from_user.id)
         await query.answer(texts.t("vote_stale", lang))
         return
-    service = state_of(context).require_service()
+    service = context.state.require_service()
     outcome = await service.record_vote(
         parsed.interaction_id, query.from_user.id, parsed.choice,
         chat_id=message.chat_id, message_id=message.message_id,

@@ -10,12 +10,11 @@ import logging
 from telegram import Bot, Message, MessageEntity, ReplyParameters, Update, User
 from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest, TelegramError
-from telegram.ext import ContextTypes
 
 from bot.llm.types import InferenceError, InferenceTimeout, RuntimeBusy
 from bot.service import Classified, IncomingText, Service
 from bot.telegram import keyboards, texts
-from bot.telegram.state import state_of
+from bot.telegram.state import BotContext
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +69,11 @@ def verdict_text(classified: Classified, lang: str) -> str:
     return texts.t("verdict", lang, emoji=emoji, label=display, percent=percent).strip()
 
 
-async def on_text(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def on_text(update: Update, context: BotContext) -> None:
     message, user, chat = update.effective_message, update.effective_user, update.effective_chat
     if message is None or user is None or chat is None or message.text is None:
         return
-    state = state_of(context)
+    state = context.state
     service = state.require_service()
     lang = texts.language_of(user.language_code)
     text: str | None = message.text
@@ -202,7 +201,7 @@ async def send_reply(bot: Bot, service: Service, classified: Classified, message
     return ids
 
 
-async def on_other(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def on_other(update: Update, context: BotContext) -> None:
     """Stickers, photos, voice...: a polite note in private chats (or when replying to the
     bot in a group); nothing is stored."""
     message, user, chat = update.effective_message, update.effective_user, update.effective_chat
@@ -214,7 +213,7 @@ async def on_other(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
             return
     lang = texts.language_of(user.language_code if user else None)
     # Stickers count against the same limit as texts: a flood gets one notice.
-    if user is not None and await over_the_limit(state_of(context).require_service(), message,
+    if user is not None and await over_the_limit(context.state.require_service(), message,
                                                  sender_id(message, user), lang):
         return
     await message.reply_text(texts.t("non_text", lang), do_quote=False)

@@ -5,19 +5,18 @@ from __future__ import annotations
 import logging
 
 from telegram import ReactionTypeEmoji, Update
-from telegram.ext import ContextTypes
 
-from bot.telegram.state import state_of
+from bot.telegram.state import BotContext
 
 log = logging.getLogger(__name__)
 
 
-async def on_reaction(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def on_reaction(update: Update, context: BotContext) -> None:
     reaction = update.message_reaction
     if reaction is None or reaction.user is None:
         return  # anonymous (channel or group admin) reactions name no user
     emojis = [r.emoji for r in reaction.new_reaction if isinstance(r, ReactionTypeEmoji)]
-    service = state_of(context).require_service()
+    service = context.state.require_service()
     stored = await service.record_reaction(reaction.chat.id, reaction.message_id,
                                            reaction.user.id, emojis)
     log.debug("reaction %s on %s/%s by %s -> %s", emojis, reaction.chat.id,

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from telegram import Update
-from telegram.ext import ContextTypes
 
 from bot.telegram import texts
-from bot.telegram.state import state_of
+from bot.telegram.state import BotContext
 
 
 def _lang(update: Update) -> str:
@@ -14,33 +13,33 @@ def _lang(update: Update) -> str:
     return texts.language_of(user.language_code if user else None)
 
 
-async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def start(update: Update, context: BotContext) -> None:
     if update.effective_message is not None:
         await update.effective_message.reply_text(texts.t("start", _lang(update)),
                                                   do_quote=False)
 
 
-async def help_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def help_command(update: Update, context: BotContext) -> None:
     message, user = update.effective_message, update.effective_user
     if message is None:
         return
     lang = _lang(update)
     text = texts.t("help", lang)
-    if user is not None and user.id in state_of(context).settings.telegram.admins:
+    if user is not None and user.id in context.state.settings.telegram.admins:
         text += "\n\n" + texts.t("help_admin", lang)
     await message.reply_text(text, do_quote=False)
 
 
-async def privacy(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def privacy(update: Update, context: BotContext) -> None:
     if update.effective_message is None:
         return
     lang = _lang(update)
-    days = state_of(context).settings.storage.retention_days
+    days = context.state.settings.storage.retention_days
     await update.effective_message.reply_text(
         texts.t("privacy", lang, retention=texts.retention_text(days, lang)), do_quote=False)
 
 
-async def forget(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+async def forget(update: Update, context: BotContext) -> None:
     message, user = update.effective_message, update.effective_user
     if message is None or user is None:
         return
@@ -49,7 +48,7 @@ async def forget(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         await message.reply_text(texts.t("forget_not_anonymous", _lang(update)),
                                  do_quote=False)
         return
-    result = await state_of(context).require_service().forget_user(user.id)
+    result = await context.state.require_service().forget_user(user.id)
     await message.reply_text(
         texts.t("forgotten", _lang(update), interactions=result.interactions,
                 votes=result.votes, reactions=result.reactions),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from bot.learning import CycleResult, LearningReport, Proposal
+from bot.learning.loop import CycleResult, LearningReport, Proposal
 from bot.telegram.texts import split_message
 from bot.versions import AuditEntry
 

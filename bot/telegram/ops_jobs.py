@@ -5,17 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sqlite3
-from typing import TYPE_CHECKING, Any
 
 from bot.config import ConfigError, Settings, resolve_path
-from bot.ops.backup import BackupError, backup_and_rotate
 from bot.ops.retention import erase_old_texts
-
-if TYPE_CHECKING:
-    from telegram.ext import Application, CallbackContext
-
-    AnyApp = Application[Any, Any, Any, Any, Any, Any]
-    AnyContext = CallbackContext[Any, Any, Any, Any]
+from bot.store.backup import BackupError, backup_and_rotate
+from bot.telegram.state import BotApp, BotContext
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +22,7 @@ BACKUP_JOB = "loopbot-nightly-backup"
 RETENTION_JOB = "loopbot-retention"
 
 
-def schedule_ops_jobs(application: AnyApp, settings: Settings) -> None:
+def schedule_ops_jobs(application: BotApp, settings: Settings) -> None:
     """Schedule the nightly backup (``storage.backup_hour_utc``, -1 = off) and the retention
     sweep (``storage.retention_days``, 0 = off). Call once, when the bot starts."""
     storage = settings.storage
@@ -41,17 +35,16 @@ def schedule_ops_jobs(application: AnyApp, settings: Settings) -> None:
         raise RuntimeError("python-telegram-bot was installed without the job-queue extra")
     if storage.backup_hour_utc >= 0:
         queue.run_daily(_nightly_backup, time=dt.time(storage.backup_hour_utc, tzinfo=dt.UTC),
-                        name=BACKUP_JOB, data=settings)
+                        name=BACKUP_JOB)
         log.info("nightly backup at %02d:00 UTC into %s (keeping %d)", storage.backup_hour_utc,
                  resolve_path(settings, storage.backup_dir), storage.backup_keep)
     if storage.retention_days > 0:
         queue.run_repeating(_retention_sweep, interval=RETENTION_INTERVAL_S,
-                            first=RETENTION_FIRST_S, name=RETENTION_JOB, data=settings)
+                            first=RETENTION_FIRST_S, name=RETENTION_JOB)
 
 
-async def _nightly_backup(context: AnyContext) -> None:
-    settings = context.job.data if context.job else None
-    assert isinstance(settings, Settings)
+async def _nightly_backup(context: BotContext) -> None:
+    settings = context.state.settings
     storage = settings.storage
     try:
         await backup_and_rotate(resolve_path(settings, storage.db),
@@ -61,13 +54,9 @@ async def _nightly_backup(context: AnyContext) -> None:
         log.error("nightly backup failed: %s", exc)
 
 
-async def _retention_sweep(context: AnyContext) -> None:
-    from bot.telegram.state import KEY, BotState
-
-    settings = context.job.data if context.job else None
-    assert isinstance(settings, Settings)
-    state = context.application.bot_data.get(KEY)
-    service = state.service if isinstance(state, BotState) else None
+async def _retention_sweep(context: BotContext) -> None:
+    settings = context.state.settings
+    service = context.state.service
     if service is None:
         return  # still starting or already stopping: the next sweep does it
     try:

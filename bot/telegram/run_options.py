@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from bot.config import Settings
 
 if TYPE_CHECKING:
-    from telegram.ext import Application
+    from bot.telegram.state import BotApp
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,11 +44,11 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def serve(application: Application[Any, Any, Any, Any, Any, Any], settings: Settings) -> None:
+def serve(application: BotApp, settings: Settings) -> None:
     """Webhook mode when ``telegram.webhook_url`` is set, long polling otherwise; returns
     when the bot stopped (SIGINT/SIGTERM)."""
     if settings.telegram.webhook_url:
-        from bot.ops.webhook import run_webhook
+        from bot.telegram.webhook import run_webhook
 
         run_webhook(application, settings)
     else:

@@ -12,20 +12,20 @@ Honest users vote by the true label with a little noise; ``adversarial_share`` o
 vote against the truth on purpose; a few click "wrong" on everything, a few click within a
 fraction of a second.
 
-Once a day the loop's cycle runs through :mod:`analytics.loop_cycle`, the decisions the
-bot's :func:`bot.learning.run_cycle` makes: one candidate at a time, the votes of the last
+Once a day the loop's cycle runs through :mod:`bot.learning.cycle`, the decisions the
+bot's :func:`bot.learning.loop.run_cycle` makes: one candidate at a time, the votes of the last
 ``vote_window_days`` (the bot's window by default), credibility (:mod:`analytics.credibility`),
 mining (:mod:`analytics.mining`), the trigger rule (error rate over credible votes above
 ``loop.error_rate_trigger`` with ``loop.min_credible_votes``, new evidence since the last
-proposal), candidate generation (:mod:`analytics.candidates`) from the training part of the
-credible set; then the offline check on the held-out part (:mod:`analytics.offline_eval`) and a
+proposal), candidate generation (:mod:`bot.learning.candidates`) from the training part of the
+credible set; then the offline check on the held-out part (:mod:`bot.learning.offline_eval`) and a
 canary that the real decision engine (:func:`analytics.decide.decide`, every hour, with the
 per-user daily cap and design effect) promotes, reverts or retires. The simulation stands in
 for the bot's I/O only: votes and proposals in memory instead of the database. In ``suggest``
 mode nobody approves, so a passed candidate waits until its proposal expires.
 
 Classifier: with ``model_path`` the real :class:`bot.llm.runtime.ModelRuntime`; without, the
-stand-in of :mod:`analytics.standin` (a real classifier whose behaviour depends on the
+stand-in of :mod:`bot.learning.standin` (a real classifier whose behaviour depends on the
 version's few-shot examples). The stand-in has no context limit, so the simulation lets a
 prompt hold up to 64 examples (the validator's maximum) instead of the bot's default 16.
 
@@ -53,11 +53,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from analytics.candidates import CandidateConfig
 from analytics.credibility import CredibilityConfig, VoteRecord, build_credible_set
 from analytics.decide import DecisionConfig, ExperimentSnapshot, HourStats, decide
-from analytics.loop_cycle import (
+from analytics.stats import design_effect
+from bot import routing
+from bot.learning.candidates import CandidateConfig
+from bot.learning.cycle import (
     VOTE_WINDOW_S,
+    LoopConfig,
     LoopState,
     PastProposal,
     analyse,
@@ -66,11 +69,8 @@ from analytics.loop_cycle import (
     recent_votes,
     status_after_check,
 )
-from analytics.offline_eval import HasLabel, evaluate_offline
-from analytics.standin import StandInClassifier
-from analytics.stats import design_effect
-from bot import routing
-from bot.config import LoopConfig
+from bot.learning.offline_eval import HasLabel, evaluate_offline
+from bot.learning.standin import StandInClassifier
 from bot.prompts import PromptVersion, load_version
 
 POSITIVE, NEGATIVE = "正面", "负面"
@@ -78,7 +78,7 @@ SALT = "loop-simulation"
 START_VERSION = "v1-zh"
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 STANDIN_NAME = ("stand-in: ridge-to-prior logistic regression over lexicon cues fitted to the "
-                "version's few-shot examples + k-NN memory of the examples (analytics.standin)")
+                "version's few-shot examples + k-NN memory of the examples (bot.learning.standin)")
 
 
 class Classifier(Protocol):
@@ -467,7 +467,7 @@ async def _cycle(
     seed: int, timeline: list[dict[str, Any]], window_s: float,
     held_truth: list[tuple[str, str]], true_acc: dict[str, float],
 ) -> tuple[_Experiment | None, dict[str, Any]]:
-    """One daily run of the loop, as :func:`bot.learning.run_cycle` runs it with the
+    """One daily run of the loop, as :func:`bot.learning.loop.run_cycle` runs it with the
     simulation's in-memory state in place of the database; a started experiment or None."""
     now = hour * 3600.0
     state = LoopState(

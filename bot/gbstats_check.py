@@ -5,7 +5,7 @@ vectorised reimplementation, because gbstats 0.8.0 pins numpy<2 / pandas<2 and c
 the runtime's environment. This check makes the claim "it is GrowthBook's test" reproducible:
 it simulates a few runs of every scenario and effect, gives the counts of every hourly look to
 gbstats (run by ``PYTHON``, an interpreter of an environment where ``pip install
-gbstats==0.8.0`` was done, through ``analytics/gbstats_reference.py``) and to the
+gbstats==0.8.0`` was done, through ``bot/gbstats_reference.py``) and to the
 reimplementation, and compares the intervals, the p-values and, what the benchmark counts,
 each run's first decision.
 """
@@ -23,13 +23,14 @@ import numpy.typing as npt
 
 from analytics.baselines import GROWTHBOOK_TUNING, first_decision, growthbook_sequential
 from analytics.decide import DecisionConfig, evaluate
+from bot.errors import LoopbotError
 
 REFERENCE_SCRIPT = Path(__file__).with_name("gbstats_reference.py")
 # Both sides do the same floating-point formula; anything beyond rounding is a real difference.
 TOLERANCE = 1e-9
 
 
-class GbstatsUnavailable(RuntimeError):
+class GbstatsUnavailable(LoopbotError, RuntimeError):
     """gbstats could not be run with the interpreter given."""
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from analytics.credibility import LabelledText, jaccard, ngrams, normalize
 from analytics.mining import PATTERNS, VersionErrors, patterns_of
+from bot.errors import LoopbotError
 from bot.prompts import MAX_EXAMPLE_CHARS, Example, PromptVersion, parse_version
 
 _CONTROL_SPAN = re.compile(r"<\|[^<>|]{0,64}\|>")
@@ -109,7 +110,7 @@ class Candidate:
     reason: str
 
 
-class CandidateError(ValueError):
+class CandidateError(LoopbotError, ValueError):
     """No candidate can be made (e.g. too few credible examples of some label)."""
 
 

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bot.errors import LoopbotError
 from bot.store.db import Database, discover_migrations
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ BACKUP_SUFFIX = ".db"
 _NAME_RE = re.compile(rf"^{BACKUP_PREFIX}(\d{{8}}T\d{{6}}Z)(?:-[a-z0-9-]+)?{BACKUP_SUFFIX}$")
 
 
-class BackupError(RuntimeError):
+class BackupError(LoopbotError, RuntimeError):
     """A backup or restore could not be made; the message says what to check."""
 
 

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from bot.config import ConfigError, Settings, TelegramConfig
 
 if TYPE_CHECKING:
-    from telegram.ext import Application
+    from bot.telegram.state import BotApp
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def plan_webhook(tg: TelegramConfig) -> WebhookPlan:
                        secret_generated=generated)
 
 
-def run_webhook(application: Application[Any, Any, Any, Any, Any, Any], settings: Settings,
+def run_webhook(application: BotApp, settings: Settings,
                 *, handle_signals: bool = True, close_loop: bool = True) -> None:
     """Serve updates over a webhook until SIGINT/SIGTERM (or ``stop_running``), like
     :func:`bot.telegram.app.run_polling`. Registers the webhook with Telegram at start and

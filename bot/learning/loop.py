@@ -3,7 +3,7 @@ report → candidate YAML in ``prompts/`` → offline check (stored) → canary 
 :mod:`bot.versions`, where the decision engine takes over.
 
 What a cycle does (the trigger, the vote window, one candidate at a time, which examples) is
-decided by the pure :mod:`analytics.loop_cycle`, which the loop simulation runs too; this module
+decided by the pure :mod:`bot.learning.cycle`, which the loop simulation runs too; this module
 does the I/O around it. ``loop.mode``: ``automatic`` canaries a candidate that passed the
 offline check; ``suggest`` stores it and waits for an admin's ``/approve ID``; ``off`` does
 nothing.
@@ -25,8 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from analytics import loop_cycle
-from analytics.candidates import (
+from analytics.credibility import CredibilityConfig, CredibilityResult, VoteRecord, summary
+from analytics.mining import ImprovementReport
+from bot import versions
+from bot.config import Settings, prompts_directory
+from bot.errors import LoopbotError
+from bot.learning import cycle as loop_cycle
+from bot.learning.candidates import (
     CandidateConfig,
     Complete,
     local_complete,
@@ -34,12 +39,8 @@ from analytics.candidates import (
     propose_instruction,
     with_instruction,
 )
-from analytics.credibility import CredibilityConfig, CredibilityResult, VoteRecord, summary
-from analytics.loop_cycle import PROPOSAL_TTL_S, LoopState, PastProposal, Trigger
-from analytics.mining import ImprovementReport
-from analytics.offline_eval import OfflineResult, evaluate_offline
-from bot import versions
-from bot.config import Settings, prompts_directory
+from bot.learning.cycle import PROPOSAL_TTL_S, LoopState, PastProposal, Trigger
+from bot.learning.offline_eval import OfflineResult, evaluate_offline
 from bot.prompts import PromptError, load_version, write_version
 from bot.store.db import Database
 
@@ -261,7 +262,7 @@ async def run_cycle(service: Service, *, actor: str = "loop", now: float | None 
                     force: bool = False) -> CycleResult:
     """One pass of the loop (the scheduled job calls this; ``force`` skips the error-rate
     rule but never the one-candidate-at-a-time rule). The decisions are
-    :mod:`analytics.loop_cycle`'s; this does the reading, writing and checking."""
+    :mod:`bot.learning.cycle`'s; this does the reading, writing and checking."""
     at = time.time() if now is None else now
     settings = service.settings
     if settings.loop.mode == "off":
@@ -366,7 +367,7 @@ async def _expire(db: Database, at: float) -> None:
             (at, at - PROPOSAL_TTL_S))
 
 
-class ApprovalError(ValueError):
+class ApprovalError(LoopbotError, ValueError):
     """``/approve ID`` is not possible; the message says why, for the admin."""
 
 

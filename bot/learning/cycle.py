@@ -1,7 +1,7 @@
 """What one cycle of the improvement loop does, decided without I/O (pure).
 
-The bot (:func:`bot.learning.run_cycle`) and the loop simulation
-(:mod:`analytics.loop_simulation`) both call these functions, so the simulation measures the
+The bot (:func:`bot.learning.loop.run_cycle`) and the loop simulation
+(:mod:`bot.learning.simulation`) both call these functions, so the simulation measures the
 rules the bot runs. The callers keep the I/O: reading votes and the deployment, writing the
 candidate's YAML, the offline check with their classifier, and starting the canary.
 
@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from analytics.candidates import Candidate, CandidateConfig, CandidateError, generate_candidate
 from analytics.credibility import (
     CredibilityConfig,
     CredibilityResult,
@@ -35,9 +35,25 @@ from analytics.credibility import (
     build_credible_set,
 )
 from analytics.mining import ImprovementReport, VersionErrors, mine
-from analytics.offline_eval import split_holdout
-from bot.config import LoopConfig
+from bot.learning.candidates import Candidate, CandidateConfig, CandidateError, generate_candidate
+from bot.learning.offline_eval import split_holdout
 from bot.prompts import PromptError, PromptVersion
+
+LoopMode = Literal["automatic", "suggest", "off"]
+
+
+@dataclass
+class LoopConfig:
+    # "automatic": mined candidates go to canary after the offline check;
+    # "suggest": they wait for an admin's /approve; "off": no mining.
+    mode: LoopMode = "suggest"
+    error_rate_trigger: float = 0.15
+    min_credible_votes: int = 100
+    offline_margin: float = 0.0
+    # Optional OpenAI-compatible endpoint proposing revised instructions (empty = off).
+    llm_endpoint: str = ""
+    llm_model: str = ""
+
 
 # Votes on verdicts of the last 28 days: credibility scoring is superlinear in the votes, so
 # an unbounded history would make every cycle slower; four weeks still hold thousands of votes
