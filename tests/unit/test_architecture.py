@@ -95,9 +95,7 @@ def upward(found: list[Edge]) -> list[Edge]:
     bad = []
     for edge in found:
         top = edge.target.split(".")[0]
-        target_layer = ADAPTER_LIBRARIES.get(top, None) if top not in PACKAGES else None
-        if target_layer is None:
-            target_layer = layer_of(edge.target) if top in PACKAGES else PURE
+        target_layer = layer_of(edge.target) if top in PACKAGES else ADAPTER_LIBRARIES[top]
         if target_layer > layer_of(edge.source):
             bad.append(edge)
     return bad
