@@ -357,25 +357,100 @@ def build_credible_set(votes: Iterable[VoteRecord],
     records = list(votes)
     if not records:
         return CredibilityResult((), {}, ())
+    voters = _voter_history(records, cfg)
+    annotators = _annotators(records, voters, cfg)
+    items = _group_items(records, cfg)
+    fitted = _fit_items(records, voters, annotators, items, cfg)
+    state = _State(cfg, records, voters, annotators, items, fitted)
+    scored = _score_votes(state)
+    labelled = _credible_items(state, scored)
+    return CredibilityResult(tuple(scored), _profiles(state), tuple(labelled),
+                             _version_reliability(state))
 
-    # Per-voter history: share of "wrong" clicks and of implausibly fast clicks.
+
+@dataclass(frozen=True)
+class _Voters:
+    """Per-voter history: their votes, share of "wrong" and of implausibly fast clicks."""
+
+    votes: dict[int, list[VoteRecord]]
+    fast_share: dict[int, float]
+    wrong_share: dict[int, float]
+    admins: set[int]
+    # 1 for most voters; towards 0 for one who says "wrong" to nearly everything.
+    wrong_factor: dict[int, float]
+
+
+@dataclass(frozen=True)
+class _Annotators:
+    """Voters first, then one annotator per version, with their reliability priors."""
+
+    voter_ids: list[int]
+    version_ids: list[str]
+    of_voter: dict[int, int]
+    of_version: dict[str, int]
+    prior_a: np.ndarray
+    prior_b: np.ndarray
+    # Reliability fixed in advance (admins), NaN where it is fitted.
+    fixed: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Items:
+    """Groups of near-identical texts, per label set; votes without a text are in none."""
+
+    of_vote: dict[int, int]
+    labelset: list[tuple[str, ...]]
+    members: list[list[int]]
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    """Annotator reliabilities and the items' label posteriors (from human votes only)."""
+
+    reliability: np.ndarray
+    post: np.ndarray
+    post_of_vote: dict[int, tuple[np.ndarray, tuple[str, ...]]]
+
+
+@dataclass(frozen=True)
+class _State:
+    """Everything the scoring and labelling phases read."""
+
+    cfg: CredibilityConfig
+    records: list[VoteRecord]
+    voters: _Voters
+    annotators: _Annotators
+    items: _Items
+    fitted: _Fitted
+
+    def trust_of(self, u: int) -> float:
+        if u in self.voters.admins:
+            return 1.0
+        r = float(self.fitted.reliability[self.annotators.of_voter[u]])
+        trust = min(1.0, max(0.0, (r - 0.5) / (self.cfg.trusted_reliability - 0.5)))
+        return float(trust * self.voters.wrong_factor[u])
+
+
+def _voter_history(records: Sequence[VoteRecord], cfg: CredibilityConfig) -> _Voters:
     per_voter: dict[int, list[VoteRecord]] = defaultdict(list)
     for v in records:
         per_voter[v.voter_id].append(v)
     fast_share = {u: sum(_fast(v, cfg) for v in vs) / len(vs) for u, vs in per_voter.items()}
     wrong_share = {u: sum(not v.correct for v in vs) / len(vs) for u, vs in per_voter.items()}
     admins = {u for u, vs in per_voter.items() if any(v.is_admin for v in vs)}
-    # 1 for most voters; towards 0 for one who says "wrong" to nearly everything. Applied to
-    # the votes' weight in the EM too, so such votes cannot move anyone else's reliability
-    # (the versions' included) either.
+    # Applied to the votes' weight in the EM too, so the votes of one who says "wrong" to
+    # nearly everything cannot move anyone else's reliability (the versions' included) either.
     wrong_factor = {
         u: 1.0 if u in admins or len(per_voter[u]) < cfg.min_record
         or wrong_share[u] <= cfg.max_wrong_share
         else max(0.0, (1.0 - wrong_share[u]) / (1.0 - cfg.max_wrong_share))
         for u in per_voter}
+    return _Voters(per_voter, fast_share, wrong_share, admins, wrong_factor)
 
-    # Annotators: voters first, then one per version.
-    voter_ids = sorted(per_voter)
+
+def _annotators(records: Sequence[VoteRecord], voters: _Voters,
+                cfg: CredibilityConfig) -> _Annotators:
+    voter_ids = sorted(voters.votes)
     version_ids = sorted({v.version_id for v in records})
     annot_of_voter = {u: i for i, u in enumerate(voter_ids)}
     annot_of_version = {vid: len(voter_ids) + i for i, vid in enumerate(version_ids)}
@@ -385,18 +460,17 @@ def build_credible_set(votes: Iterable[VoteRecord],
     prior_b = np.array([cfg.prior_wrong] * len(voter_ids) + [cfg.model_prior_wrong]
                        * len(version_ids), dtype=np.float64)
     fixed = np.full(n_annot, np.nan)
-    for u in admins:
+    for u in voters.admins:
         fixed[annot_of_voter[u]] = cfg.admin_reliability
+    return _Annotators(voter_ids, version_ids, annot_of_voter, annot_of_version, prior_a,
+                       prior_b, fixed)
 
-    result_labelled: list[LabelledText] = []
-    item_post_of_vote: dict[int, tuple[np.ndarray, tuple[str, ...]]] = {}
-    reliability = prior_a / (prior_a + prior_b)
 
+def _group_items(records: Sequence[VoteRecord], cfg: CredibilityConfig) -> _Items:
     by_labelset: dict[tuple[str, ...], list[int]] = defaultdict(list)
     for idx, v in enumerate(records):
         if v.text is not None and v.text.strip():
             by_labelset[v.labels].append(idx)
-
     # One EM over all label sets: annotators are shared, items are per label set.
     item_of_vote: dict[int, int] = {}
     item_labelset: list[tuple[str, ...]] = []
@@ -412,8 +486,12 @@ def build_credible_set(votes: Iterable[VoteRecord],
                 item_members.append([])
             item_of_vote[i] = local[g]
             item_members[local[g]].append(i)
+    return _Items(item_of_vote, item_labelset, item_members)
 
-    k = max((len(ls) for ls in item_labelset), default=2)
+
+def _observations(records: Sequence[VoteRecord], voters: _Voters, annotators: _Annotators,
+                  items: _Items, cfg: CredibilityConfig) -> _Obs | None:
+    """The EM's evidence: each vote on an item, and each verdict once (None: nothing)."""
     o_item: list[int] = []
     o_annot: list[int] = []
     o_label: list[int] = []
@@ -422,7 +500,7 @@ def build_credible_set(votes: Iterable[VoteRecord],
     o_k: list[int] = []
     seen_verdicts: set[int] = set()
     for i, v in enumerate(records):
-        item = item_of_vote.get(i)
+        item = items.of_vote.get(i)
         if item is None or v.verdict not in v.labels:
             continue
         index = {lb: j for j, lb in enumerate(v.labels)}
@@ -432,60 +510,66 @@ def build_credible_set(votes: Iterable[VoteRecord],
         else:
             label, positive = index[v.verdict], False
         o_item.append(item)
-        o_annot.append(annot_of_voter[v.voter_id])
+        o_annot.append(annotators.of_voter[v.voter_id])
         o_label.append(label)
         o_pos.append(positive)
-        o_w.append(_vote_weight(v, fast_share[v.voter_id], cfg) * wrong_factor[v.voter_id])
+        o_w.append(_vote_weight(v, voters.fast_share[v.voter_id], cfg)
+                   * voters.wrong_factor[v.voter_id])
         o_k.append(len(v.labels))
         if v.interaction_id not in seen_verdicts:
             # The verdict itself, once per interaction, as the version's opinion.
             seen_verdicts.add(v.interaction_id)
             o_item.append(item)
-            o_annot.append(annot_of_version[v.version_id])
+            o_annot.append(annotators.of_version[v.version_id])
             o_label.append(index[v.verdict])
             o_pos.append(True)
             o_w.append(cfg.model_weight)
             o_k.append(len(v.labels))
+    if not o_item:
+        return None
+    return _Obs(np.array(o_item), np.array(o_annot), np.array(o_label),
+                np.array(o_pos, dtype=bool), np.array(o_w, dtype=np.float64), np.array(o_k))
 
-    if o_item:
-        obs = _Obs(np.array(o_item), np.array(o_annot), np.array(o_label),
-                   np.array(o_pos, dtype=bool), np.array(o_w, dtype=np.float64),
-                   np.array(o_k))
-        possible = np.arange(k)[None, :] < np.array([len(ls) for ls in item_labelset])[:, None]
-        reliability, r_used = _fit(obs, possible, prior_a, prior_b, fixed,
-                                   cfg.max_reliability, cfg.em_iterations)
-        reliability = np.where(np.isnan(fixed), reliability, fixed)
-        # The versions' verdicts helped to estimate who is reliable, but a label is decided
-        # by people only: otherwise texts the model already gets right would pass more
-        # easily, and the offline check would grade versions on a set tilted towards them.
-        post = _posterior(obs, possible, r_used, keep=np.array(o_annot) < len(voter_ids))
-        for item, members in enumerate(item_members):
-            for i in members:
-                item_post_of_vote[i] = (post[item], item_labelset[item])
-    else:
-        post = np.zeros((0, k))
 
-    def trust_of(u: int) -> float:
-        if u in admins:
-            return 1.0
-        r = float(reliability[annot_of_voter[u]])
-        trust = min(1.0, max(0.0, (r - 0.5) / (cfg.trusted_reliability - 0.5)))
-        return float(trust * wrong_factor[u])
+def _fit_items(records: Sequence[VoteRecord], voters: _Voters, annotators: _Annotators,
+               items: _Items, cfg: CredibilityConfig) -> _Fitted:
+    k = max((len(ls) for ls in items.labelset), default=2)
+    prior_a, prior_b, fixed = annotators.prior_a, annotators.prior_b, annotators.fixed
+    reliability = prior_a / (prior_a + prior_b)
+    obs = _observations(records, voters, annotators, items, cfg)
+    if obs is None:
+        return _Fitted(reliability, np.zeros((0, k)), {})
+    possible = np.arange(k)[None, :] < np.array([len(ls) for ls in items.labelset])[:, None]
+    reliability, r_used = _fit(obs, possible, prior_a, prior_b, fixed,
+                               cfg.max_reliability, cfg.em_iterations)
+    reliability = np.where(np.isnan(fixed), reliability, fixed)
+    # The versions' verdicts helped to estimate who is reliable, but a label is decided
+    # by people only: otherwise texts the model already gets right would pass more
+    # easily, and the offline check would grade versions on a set tilted towards them.
+    post = _posterior(obs, possible, r_used, keep=obs.annot < len(annotators.voter_ids))
+    post_of_vote: dict[int, tuple[np.ndarray, tuple[str, ...]]] = {}
+    for item, members in enumerate(items.members):
+        for i in members:
+            post_of_vote[i] = (post[item], items.labelset[item])
+    return _Fitted(reliability, post, post_of_vote)
 
+
+def _score_votes(state: _State) -> list[ScoredVote]:
+    cfg, voters = state.cfg, state.voters
     scored: list[ScoredVote] = []
-    for i, v in enumerate(records):
+    for i, v in enumerate(state.records):
         asserted = v.asserted()
         reasons: list[str] = []
-        trust = trust_of(v.voter_id)
-        weight = _vote_weight(v, fast_share[v.voter_id], cfg)
+        trust = state.trust_of(v.voter_id)
+        weight = _vote_weight(v, voters.fast_share[v.voter_id], cfg)
         if _fast(v, cfg):
             reasons.append("fast_click")
-        if fast_share[v.voter_id] > 0.5:
+        if voters.fast_share[v.voter_id] > 0.5:
             reasons.append("fast_clicker")
         if trust < 0.5:
             reasons.append("low_reliability")
         agree = 1.0
-        found = item_post_of_vote.get(i)
+        found = state.fitted.post_of_vote.get(i)
         if found is not None:
             p, labelset = found
             if asserted is not None and asserted in labelset:
@@ -494,56 +578,80 @@ def build_credible_set(votes: Iterable[VoteRecord],
                 agree = 1.0 - float(p[labelset.index(v.verdict)])
             if agree < 0.5:
                 reasons.append("disagrees")
-        if v.voter_id in admins:
+        if v.voter_id in voters.admins:
             credibility, reasons = 1.0, ["admin"]
         else:
             credibility = trust * min(1.0, weight) * agree
         scored.append(ScoredVote(v, asserted, credibility, tuple(reasons)))
+    return scored
 
-    for item, members in enumerate(item_members):
-        labelset = item_labelset[item]
-        p = post[item]
-        best = int(np.argmax(p[:len(labelset)]))
-        chosen = labelset[best]
-        support = sum(scored[i].credibility for i in members if scored[i].label == chosen)
-        admin_ok = any(records[i].voter_id in admins and scored[i].label == chosen
-                       for i in members)
-        admin_against = any(records[i].voter_id in admins and scored[i].label not in (None,
-                            chosen) for i in members)
-        if admin_against:
-            continue
-        established = any(
-            scored[i].label == chosen and len(per_voter[records[i].voter_id]) >= cfg.min_record
-            and trust_of(records[i].voter_id) >= 0.5 for i in members)
-        if not admin_ok and (p[best] < cfg.min_posterior or support < cfg.min_support
-                             or not established):
-            continue
-        first = records[members[0]]
-        judged: dict[int, Judged] = {}
-        for i in members:
-            r = records[i]
-            judged.setdefault(r.interaction_id, Judged(r.interaction_id, r.version_id,
-                                                        r.verdict))
-        # The text shown for the item is one the credible votes for its label were cast on:
-        # any member could be a different sentence than the one the evidence is about.
-        backing = [i for i in members if scored[i].label == chosen]
-        strong = [i for i in backing if scored[i].credibility >= 0.5] or backing
-        result_labelled.append(LabelledText(
-            text=_shortest_text([records[i].text or "" for i in strong]) or (first.text or ""),
-            label=chosen, labels=labelset, confidence=float(p[best]), support=float(support),
-            voters=len({records[i].voter_id for i in members}), admin_confirmed=admin_ok,
-            judged=tuple(judged.values()),
-        ))
 
-    profiles = {
+def _credible_items(state: _State, scored: Sequence[ScoredVote]) -> list[LabelledText]:
+    labelled: list[LabelledText] = []
+    for item in range(len(state.items.members)):
+        found = _credible_item(state, scored, item)
+        if found is not None:
+            labelled.append(found)
+    return labelled
+
+
+def _credible_item(state: _State, scored: Sequence[ScoredVote],
+                   item: int) -> LabelledText | None:
+    """The item's most probable label, if an admin confirms it or credible support does."""
+    cfg, records, admins = state.cfg, state.records, state.voters.admins
+    members = state.items.members[item]
+    labelset = state.items.labelset[item]
+    p = state.fitted.post[item]
+    best = int(np.argmax(p[:len(labelset)]))
+    chosen = labelset[best]
+    support = sum(scored[i].credibility for i in members if scored[i].label == chosen)
+    admin_ok = any(records[i].voter_id in admins and scored[i].label == chosen
+                   for i in members)
+    admin_against = any(records[i].voter_id in admins and scored[i].label not in (None,
+                        chosen) for i in members)
+    if admin_against:
+        return None
+    established = any(
+        scored[i].label == chosen
+        and len(state.voters.votes[records[i].voter_id]) >= cfg.min_record
+        and state.trust_of(records[i].voter_id) >= 0.5 for i in members)
+    if not admin_ok and (p[best] < cfg.min_posterior or support < cfg.min_support
+                         or not established):
+        return None
+    first = records[members[0]]
+    judged: dict[int, Judged] = {}
+    for i in members:
+        r = records[i]
+        judged.setdefault(r.interaction_id, Judged(r.interaction_id, r.version_id,
+                                                    r.verdict))
+    # The text shown for the item is one the credible votes for its label were cast on:
+    # any member could be a different sentence than the one the evidence is about.
+    backing = [i for i in members if scored[i].label == chosen]
+    strong = [i for i in backing if scored[i].credibility >= 0.5] or backing
+    return LabelledText(
+        text=_shortest_text([records[i].text or "" for i in strong]) or (first.text or ""),
+        label=chosen, labels=labelset, confidence=float(p[best]), support=float(support),
+        voters=len({records[i].voter_id for i in members}), admin_confirmed=admin_ok,
+        judged=tuple(judged.values()),
+    )
+
+
+def _profiles(state: _State) -> dict[int, VoterProfile]:
+    voters, annotators = state.voters, state.annotators
+    return {
         u: VoterProfile(
-            voter_id=u, votes=len(per_voter[u]), wrong_share=wrong_share[u],
-            fast_share=fast_share[u], reliability=float(reliability[annot_of_voter[u]]),
-            trust=trust_of(u), is_admin=u in admins,
-        ) for u in voter_ids
+            voter_id=u, votes=len(voters.votes[u]), wrong_share=voters.wrong_share[u],
+            fast_share=voters.fast_share[u],
+            reliability=float(state.fitted.reliability[annotators.of_voter[u]]),
+            trust=state.trust_of(u), is_admin=u in voters.admins,
+        ) for u in annotators.voter_ids
     }
-    version_rel = {vid: float(reliability[annot_of_version[vid]]) for vid in version_ids}
-    return CredibilityResult(tuple(scored), profiles, tuple(result_labelled), version_rel)
+
+
+def _version_reliability(state: _State) -> dict[str, float]:
+    reliability, annotators = state.fitted.reliability, state.annotators
+    return {vid: float(reliability[annotators.of_version[vid]])
+            for vid in annotators.version_ids}
 
 
 def _fast(v: VoteRecord, cfg: CredibilityConfig) -> bool:

@@ -151,13 +151,42 @@ def _require_str(path: Path | str, data: dict[str, Any], key: str, *, allow_empt
 
 
 def parse_version(data: Any, path: Path | str = "<memory>") -> PromptVersion:
-    """Validate the parsed YAML mapping of one version."""
+    """Validate the parsed YAML mapping of one version.
+
+    Fields are checked in a fixed order (identity, labels, prompts, examples, generation,
+    reason) and the first problem stops the check, so the same file always reports the same
+    mistake first.
+    """
+    _check_keys(data, path)
+    vid, parent, description, language = _parse_identity(data, path)
+    labels = _parse_labels(data, path)
+    system = _require_str(path, data, "system")
+    chat_system = _require_str(path, data, "chat_system")
+    examples = _parse_examples(data, path, [lb.name for lb in labels])
+    generation = _parse_generation(data, path)
+    reason = data.get("reason", "")
+    if not isinstance(reason, str):
+        raise PromptError(path, "reason", "must be a string")
+    return PromptVersion(
+        id=vid, parent=parent, description=description, language=language,
+        labels=tuple(labels), system=system, examples=tuple(examples),
+        chat_system=chat_system, generation=generation, reason=reason, path=str(path),
+        content_hash=content_hash(data),
+    )
+
+
+def _check_keys(data: Any, path: Path | str) -> None:
     if not isinstance(data, dict):
         raise PromptError(path, "<root>", "the file must hold a mapping (key: value lines)")
     unknown = sorted(map(str, set(data) - _TOP_KEYS))
     if unknown:
         allowed = ", ".join(sorted(_TOP_KEYS))
         raise PromptError(path, unknown[0], f"unknown key (allowed: {allowed})")
+
+
+def _parse_identity(data: dict[str, Any], path: Path | str
+                    ) -> tuple[str, str | None, str, str]:
+    """id, parent, description and language."""
     vid = _require_str(path, data, "id")
     if not _ID_RE.match(vid):
         raise PromptError(path, "id", "use 1-48 letters, digits, '.', '_' or '-'")
@@ -170,38 +199,44 @@ def parse_version(data: Any, path: Path | str = "<memory>") -> PromptVersion:
     language = _require_str(path, data, "language")
     if language not in {"zh", "en"}:
         raise PromptError(path, "language", "must be 'zh' or 'en'")
+    return vid, parent, description, language
 
+
+def _parse_labels(data: dict[str, Any], path: Path | str) -> list[Label]:
     raw_labels = data.get("labels")
     if not isinstance(raw_labels, list) or len(raw_labels) < 2:
         raise PromptError(path, "labels", "must be a list of at least two labels")
-    labels: list[Label] = []
-    for i, raw in enumerate(raw_labels):
-        where = f"labels[{i}]"
-        if isinstance(raw, str):
-            raw = {"name": raw}
-        if not isinstance(raw, dict):
-            raise PromptError(path, where, "must be a string or a mapping with 'name'")
-        extra = sorted(map(str, set(raw) - {"name", "display", "emoji"}))
-        if extra:
-            raise PromptError(path, f"{where}.{extra[0]}", "unknown key")
-        name = raw.get("name")
-        if not isinstance(name, str) or not name.strip() or name != name.strip():
-            raise PromptError(path, f"{where}.name", "must be a non-empty string without "
-                              "leading or trailing spaces")
-        if "<|" in name:
-            raise PromptError(path, f"{where}.name", "must not contain control tokens")
-        display = raw.get("display", name)
-        emoji = raw.get("emoji", "")
-        if not isinstance(display, str) or not isinstance(emoji, str):
-            raise PromptError(path, where, "display and emoji must be strings")
-        labels.append(Label(name=name, display=display, emoji=emoji))
+    labels = [_parse_label(raw, f"labels[{i}]", path) for i, raw in enumerate(raw_labels)]
     names = [lb.name for lb in labels]
     if len(set(names)) != len(names):
         raise PromptError(path, "labels", "label names must be unique")
+    return labels
 
-    system = _require_str(path, data, "system")
-    chat_system = _require_str(path, data, "chat_system")
 
+def _parse_label(raw: Any, where: str, path: Path | str) -> Label:
+    """One label: a bare name, or a mapping with ``name`` and optional display and emoji."""
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise PromptError(path, where, "must be a string or a mapping with 'name'")
+    extra = sorted(map(str, set(raw) - {"name", "display", "emoji"}))
+    if extra:
+        raise PromptError(path, f"{where}.{extra[0]}", "unknown key")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise PromptError(path, f"{where}.name", "must be a non-empty string without "
+                          "leading or trailing spaces")
+    if "<|" in name:
+        raise PromptError(path, f"{where}.name", "must not contain control tokens")
+    display = raw.get("display", name)
+    emoji = raw.get("emoji", "")
+    if not isinstance(display, str) or not isinstance(emoji, str):
+        raise PromptError(path, where, "display and emoji must be strings")
+    return Label(name=name, display=display, emoji=emoji)
+
+
+def _parse_examples(data: dict[str, Any], path: Path | str, names: list[str]) -> list[Example]:
+    """The few-shot examples; each label must be one of ``names``."""
     raw_examples = data.get("examples", [])
     if not isinstance(raw_examples, list):
         raise PromptError(path, "examples", "must be a list")
@@ -222,7 +257,11 @@ def parse_version(data: Any, path: Path | str = "<memory>") -> PromptVersion:
         if label not in names:
             raise PromptError(path, f"{where}.label", f"'{label}' is not one of {names}")
         examples.append(Example(text=text, label=label))
+    return examples
 
+
+def _parse_generation(data: dict[str, Any], path: Path | str) -> Generation:
+    """Sampling settings: known keys of the right type (defaults for the rest), in range."""
     raw_gen = data.get("generation", {}) or {}
     if not isinstance(raw_gen, dict):
         raise PromptError(path, "generation", "must be a mapping")
@@ -234,6 +273,11 @@ def parse_version(data: Any, path: Path | str = "<memory>") -> PromptVersion:
             raise PromptError(path, f"generation.{key}", "has the wrong type")
         gen_kwargs[key] = value
     generation = Generation(**gen_kwargs)
+    _check_generation_ranges(generation, path)
+    return generation
+
+
+def _check_generation_ranges(generation: Generation, path: Path | str) -> None:
     if not 1 <= generation.max_tokens <= 2048:
         raise PromptError(path, "generation.max_tokens", "must be between 1 and 2048")
     if not 0.0 <= generation.temperature <= 2.0:
@@ -248,17 +292,6 @@ def parse_version(data: Any, path: Path | str = "<memory>") -> PromptVersion:
         raise PromptError(path, "generation.seed", "must be -1 (random) or in [0, 2^32 - 1)")
     if not 0 <= generation.history_turns <= 20:
         raise PromptError(path, "generation.history_turns", "must be between 0 and 20")
-
-    reason = data.get("reason", "")
-    if not isinstance(reason, str):
-        raise PromptError(path, "reason", "must be a string")
-
-    return PromptVersion(
-        id=vid, parent=parent, description=description, language=language,
-        labels=tuple(labels), system=system, examples=tuple(examples),
-        chat_system=chat_system, generation=generation, reason=reason, path=str(path),
-        content_hash=content_hash(data),
-    )
 
 
 def load_version(path: Path | str) -> PromptVersion:

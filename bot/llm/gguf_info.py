@@ -208,6 +208,20 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
 
 
 def _parse(p: Path, size: int, buf: mmap.mmap) -> GGUFInfo:
+    cur, version, n_tensors, n_kv = _read_preamble(p, buf)
+    meta, arrays, token_offsets = _read_metadata(cur, n_kv)
+    tensors = _read_tensors(cur, p, n_tensors)
+    _check_length(p, size, cur.pos, meta, tensors)
+    specials = _special_tokens(cur, meta, token_offsets)
+    arch = str(meta.get("general.architecture", ""))
+    if not arch:
+        raise GGUFError(f"{p}: GGUF file without general.architecture")
+    return _info(p, size, version, arch, meta, arrays, specials, tuple(tensors))
+
+
+def _read_preamble(p: Path, buf: mmap.mmap) -> tuple[_Cursor, int, int, int]:
+    """Magic and version checked; returns a cursor past the counts, the version, the tensor
+    count and the key/value count."""
     magic = buf[:4]
     if magic != GGUF_MAGIC:
         raise GGUFError(f"{p}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
@@ -220,7 +234,12 @@ def _parse(p: Path, size: int, buf: mmap.mmap) -> GGUFInfo:
         raise GGUFError(f"{p}: unsupported GGUF version {version}{hint}")
     n_tensors = cur.scalar("<Q", "tensor count")
     n_kv = cur.scalar("<Q", "key/value count")
+    return cur, version, n_tensors, n_kv
 
+
+def _read_metadata(cur: _Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, int], list[int]]:
+    """Scalar and string values, array lengths, and the offsets of the vocabulary's tokens
+    (to look special tokens up later without decoding the whole vocabulary)."""
     meta: dict[str, Any] = {}
     arrays: dict[str, int] = {}
     token_offsets: list[int] = []
@@ -235,7 +254,10 @@ def _parse(p: Path, size: int, buf: mmap.mmap) -> GGUFInfo:
                 token_offsets = offsets
         else:
             meta[key] = cur.value(vtype, key)
+    return meta, arrays, token_offsets
 
+
+def _read_tensors(cur: _Cursor, p: Path, n_tensors: int) -> list[TensorEntry]:
     tensors = []
     for i in range(n_tensors):
         name = cur.string(f"tensor #{i} name")
@@ -246,9 +268,14 @@ def _parse(p: Path, size: int, buf: mmap.mmap) -> GGUFInfo:
         ggml_type = cur.scalar("<I", name)
         offset = cur.scalar("<Q", name)
         tensors.append(TensorEntry(name, shape, ggml_type, offset))
+    return tensors
 
+
+def _check_length(p: Path, size: int, header_end: int, meta: Mapping[str, Any],
+                  tensors: list[TensorEntry]) -> None:
+    """Refuse a file shorter than its tensor table says (an interrupted download)."""
     alignment = int(meta.get("general.alignment", _DEFAULT_ALIGNMENT)) or _DEFAULT_ALIGNMENT
-    data_start = -(-cur.pos // alignment) * alignment
+    data_start = -(-header_end // alignment) * alignment
     data_end = data_start
     for t in tensors:
         nbytes = _tensor_bytes(t)
@@ -257,6 +284,11 @@ def _parse(p: Path, size: int, buf: mmap.mmap) -> GGUFInfo:
     if data_end > size:
         raise GGUFError(f"{p}: truncated GGUF file: its tensors need {data_end} bytes but the "
                         f"file has {size} (an interrupted download or copy?)")
+
+
+def _special_tokens(cur: _Cursor, meta: Mapping[str, Any],
+                    token_offsets: list[int]) -> dict[int, str]:
+    """Id -> token text for every ``tokenizer.ggml.*_token_id`` key within the vocabulary."""
 
     def special_text(token_id: int) -> str | None:
         if 0 <= token_id < len(token_offsets):
@@ -272,10 +304,13 @@ def _parse(p: Path, size: int, buf: mmap.mmap) -> GGUFInfo:
             text = special_text(value)
             if text is not None:
                 specials[value] = text
+    return specials
 
-    arch = str(meta.get("general.architecture", ""))
-    if not arch:
-        raise GGUFError(f"{p}: GGUF file without general.architecture")
+
+def _info(p: Path, size: int, version: int, arch: str, meta: dict[str, Any],
+          arrays: dict[str, int], specials: dict[int, str],
+          tensors: tuple[TensorEntry, ...]) -> GGUFInfo:
+    """The GGUFInfo of the parsed header (``arch``: general.architecture, checked present)."""
 
     def arch_int(suffix: str) -> int | None:
         value = meta.get(f"{arch}.{suffix}")
@@ -298,7 +333,6 @@ def _parse(p: Path, size: int, buf: mmap.mmap) -> GGUFInfo:
     names = {t.name for t in tensors}
     file_type = opt_int("general.file_type")
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
-    frozen = tuple(tensors)
     return GGUFInfo(
         path=p,
         file_size=size,
@@ -306,7 +340,7 @@ def _parse(p: Path, size: int, buf: mmap.mmap) -> GGUFInfo:
         architecture=arch,
         name=opt_str("general.name") or p.stem,
         file_type=file_type,
-        quantization=_quant_name(file_type, frozen),
+        quantization=_quant_name(file_type, tensors),
         context_length=arch_int("context_length"),
         embedding_length=arch_int("embedding_length"),
         block_count=arch_int("block_count"),
@@ -327,7 +361,7 @@ def _parse(p: Path, size: int, buf: mmap.mmap) -> GGUFInfo:
         tied_embeddings="token_embd.weight" in names and "output.weight" not in names,
         metadata=MappingProxyType(meta),
         array_lengths=MappingProxyType(arrays),
-        tensors=frozen,
+        tensors=tensors,
     )
 
 
