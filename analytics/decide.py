@@ -10,11 +10,12 @@ Public API
 - ``DecisionConfig``: thresholds (the ``experiment`` section of the YAML config).
 - ``HourStats``: one completed hour of one experiment (votes after the per-user daily cap).
 - ``ExperimentSnapshot``: an experiment (active vs candidate) with its hourly strata.
-- ``decide(snapshot, config) -> Decision``: ``action`` in ``ACTIONS``, a ``reason`` with the
-  numbers, a ``stats`` dict, ``new_share`` for "ramp", ``restart`` when the test restarts.
+- ``decide(snapshot, config) -> Decision``: an :class:`Action`, the :class:`Rule` that chose
+  it, the numbers behind it (:class:`DecisionStats`), ``new_share`` for a ramp, ``restart``
+  when the test restarts. Reasons are data (the rule and the numbers): the admins' prose is
+  written from them by :mod:`bot.texts.decisions`.
 - ``ExperimentArrays`` / ``evaluate(arrays, config, concurrent_candidates) -> Trajectory``:
   the vectorised core: the action every hourly look would take, for a batch of experiments.
-- ``describe_next_step(decision) -> str``: one line for the admin ``/stats`` view.
 
 The policy at each hourly look, in order (first match wins):
 
@@ -55,7 +56,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -73,28 +75,45 @@ from analytics.stats import accuracy_summary, mh_from_sums, mh_terms
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
-ACTIONS = ("hold", "ramp", "promote", "revert", "retire", "freeze")
+class Action(StrEnum):
+    """What a look decides (a ``str``: stored and logged as its value)."""
+
+    HOLD = "hold"
+    RAMP = "ramp"
+    PROMOTE = "promote"
+    REVERT = "revert"
+    RETIRE = "retire"
+    FREEZE = "freeze"
+
+
+class Rule(StrEnum):
+    """Which rule of the policy decided (the reason, as data)."""
+
+    COLLECTING = "collecting"  # not enough evidence either way yet
+    SRM = "srm"
+    REACTIONS = "reactions"
+    LATENCY = "latency"
+    EVIDENCE_WORSE = "evidence_worse"
+    STALE = "stale"
+    EVIDENCE_BETTER = "evidence_better"
+    HORIZON_MH = "horizon_mh"
+    HORIZON_RETIRE = "horizon_retire"
+    PARITY = "parity"
+    RAMP = "ramp"
+    MIN_VOTES = "min_votes"  # E⁺ crossed but an arm has too few votes
+    RESTART = "restart"
+    HORIZON_WORSE = "horizon_worse"
+    # Set by the bot, not by the policy: the candidate has no prompt file to analyse.
+    MISSING_FILE = "missing_file"
+
+
+# The vectorised core codes actions and rules as small ints: index into these tuples.
+ACTIONS: tuple[Action, ...] = tuple(Action)
 HOLD, RAMP, PROMOTE, REVERT, RETIRE, FREEZE = range(6)
 # Actions that end the experiment (the simulation stops a run at the first one).
 TERMINAL = (PROMOTE, REVERT, RETIRE, FREEZE)
-
-RULES = (
-    "collecting",  # 0: not enough evidence either way yet
-    "srm",  # 1
-    "reactions",  # 2
-    "latency",  # 3
-    "evidence_worse",  # 4
-    "stale",  # 5
-    "evidence_better",  # 6
-    "horizon_mh",  # 7
-    "horizon_retire",  # 8
-    "parity",  # 9
-    "ramp",  # 10
-    "min_votes",  # 11: E⁺ crossed but an arm has too few votes
-    "restart",  # 12
-    "horizon_worse",  # 13
-)
-_RULE = {name: i for i, name in enumerate(RULES)}
+RULES: tuple[Rule, ...] = tuple(r for r in Rule if r is not Rule.MISSING_FILE)
+_RULE = {rule: i for i, rule in enumerate(RULES)}
 
 
 @dataclass
@@ -323,43 +342,59 @@ def _ratio(num: FloatArray, den: FloatArray) -> FloatArray:
     return np.asarray(out, dtype=np.float64)
 
 
-def evaluate(
-    data: ExperimentArrays,
-    config: DecisionConfig,
-    concurrent_candidates: int = 1,
-    current_share: npt.ArrayLike | None = None,
-    max_share: float = 1.0,
-) -> Trajectory:
-    """The decision each hourly look takes, for every experiment of the batch.
+@dataclass(frozen=True)
+class _AccuracyEvidence:
+    """The accuracy comparison at each look: the e-processes and the horizon's MH test."""
 
-    ``current_share`` (batch, hours) is the share in force at each look (default: the planned
-    share of that hour); only the ramp rule reads it. ``max_share`` is the most the
-    candidate's range can grow to where other candidates' ranges lie: the plan's share is
-    capped there, so a ramp is only proposed when routing can carry it out.
-    """
-    data.validate()
-    k = max(1, int(concurrent_candidates))
-    batch, hours = data.shape
-    prior = config.prior()
+    log_e_plus: FloatArray
+    log_e_minus: FloatArray
+    mh_z: FloatArray
+    mh_odds_ratio: FloatArray
 
-    deff = np.maximum(np.asarray(data.design_effect, dtype=np.float64), 1.0)
+
+def _accuracy_evidence(data: ExperimentArrays, config: DecisionConfig,
+                       deff: FloatArray) -> _AccuracyEvidence:
     blocks = block_strata(
         {"va": data.votes_a, "xa": data.correct_a, "vb": data.votes_b, "xb": data.correct_b},
         data.planned_share, ("va", "vb"), config.min_stratum_votes, config.max_stratum_hours)
     closed = blocks.closed
-    both = fisher_e_process(closed["va"], closed["xa"], closed["vb"], closed["xb"], prior,
-                            design_effect=np.repeat(deff, 2, axis=1))
-    # Slot 2t+1 is the evidence after everything closed at look t.
-    evidence_plus = both.log_e_plus[:, 1::2]
-    evidence_minus = both.log_e_minus[:, 1::2]
+    both = fisher_e_process(closed["va"], closed["xa"], closed["vb"], closed["xb"],
+                            config.prior(), design_effect=np.repeat(deff, 2, axis=1))
     # The fixed-time MH test may use the open block too (it is read once, at the horizon).
     sums = [np.cumsum(t, axis=1)[:, 1::2] for t in
             mh_terms(closed["va"], closed["xa"], closed["vb"], closed["xb"])]
     pending = mh_terms(blocks.open["va"], blocks.open["xa"], blocks.open["vb"],
                        blocks.open["xb"])
     mh = mh_from_sums(*(c + p for c, p in zip(sums, pending, strict=True)))
-    mh_z = mh.z / np.sqrt(deff)
+    # Slot 2t+1 is the evidence after everything closed at look t.
+    return _AccuracyEvidence(both.log_e_plus[:, 1::2], both.log_e_minus[:, 1::2],
+                             mh.z / np.sqrt(deff), mh.odds_ratio)
 
+
+_CUMULATIVE = ("votes_a", "correct_a", "votes_b", "correct_b", "served_a", "served_b", "up_a",
+               "down_a", "up_b", "down_b", "latency_n_a", "latency_sum_a", "latency_n_b",
+               "latency_sum_b")
+
+
+@dataclass(frozen=True)
+class _Guardrails:
+    """What the guardrails see at each look: the split of new users, who votes, 👎 on
+    replies and latency, each with its evidence."""
+
+    cum: dict[str, npt.NDArray[Any]]
+    log_e_srm: FloatArray
+    srm_observed_share: FloatArray
+    srm_expected_share: FloatArray
+    log_e_parity: FloatArray
+    vote_rate_ratio: FloatArray
+    log_e_reactions: FloatArray
+    reactions_a: FloatArray
+    reactions_b: FloatArray
+    down_ratio: FloatArray
+    latency_ratio: FloatArray
+
+
+def _guardrails(data: ExperimentArrays, config: DecisionConfig) -> _Guardrails:
     new_users = data.new_users_a + data.new_users_b
     log_e_srm = binomial_shift_log_evalue(data.new_users_b, new_users, data.planned_share,
                                           config.srm_prior())
@@ -378,15 +413,11 @@ def evaluate(
         data.planned_share, ("na", "nb"), config.min_stratum_votes, config.max_stratum_hours)
     rc = r_blocks.closed
     reactions_plus = fisher_e_process(rc["na"], rc["xa"], rc["nb"], rc["xb"],
-                                      prior).log_e_plus[:, 1::2]
+                                      config.prior()).log_e_plus[:, 1::2]
 
-    cum = {name: np.cumsum(getattr(data, name), axis=1) for name in (
-        "votes_a", "correct_a", "votes_b", "correct_b", "served_a", "served_b", "up_a",
-        "down_a", "up_b", "down_b", "latency_n_a", "latency_sum_a", "latency_n_b",
-        "latency_sum_b")}
+    cum = {name: np.cumsum(getattr(data, name), axis=1) for name in _CUMULATIVE}
     rate_a = _ratio(cum["votes_a"].astype(np.float64), cum["served_a"].astype(np.float64))
     rate_b = _ratio(cum["votes_b"].astype(np.float64), cum["served_b"].astype(np.float64))
-    vote_rate_ratio = _ratio(rate_b, rate_a)
     react_a = (cum["up_a"] + cum["down_a"]).astype(np.float64)
     react_b = (cum["up_b"] + cum["down_b"]).astype(np.float64)
     down_share_a = _ratio(cum["down_a"].astype(np.float64), react_a)
@@ -397,89 +428,122 @@ def evaluate(
     latency_ratio = _ratio(_ratio(cum["latency_sum_b"], cum["latency_n_b"].astype(np.float64)),
                            _ratio(cum["latency_sum_a"], cum["latency_n_a"].astype(np.float64)))
 
-    elapsed = np.arange(1, hours + 1, dtype=np.float64)[None, :]
-    at_horizon = np.broadcast_to(elapsed >= config.max_duration_hours, (batch, hours))
-    idx = np.arange(hours)[None, :]
-    last_vote = np.maximum.accumulate(np.where(votes > 0, idx, -1), axis=1)
-    stale = (idx - last_vote) >= config.stale_hours
-
     cum_new = np.cumsum(new_users, axis=1).astype(np.float64)
     expected_share = _ratio(np.cumsum(new_users * np.asarray(data.planned_share), axis=1),
                             cum_new)
     observed_share = _ratio(np.cumsum(data.new_users_b, axis=1).astype(np.float64), cum_new)
-    scale = np.minimum(expected_share, 1.0 - expected_share)
-    srm_deviation = np.nan_to_num(_ratio(np.abs(observed_share - expected_share), scale))
-    srm = (log_e_srm >= math.log(1.0 / config.alpha_srm)) & (
+    return _Guardrails(cum, log_e_srm, observed_share, expected_share, log_e_parity,
+                       _ratio(rate_b, rate_a), reactions_plus, react_a, react_b,
+                       np.asarray(down_ratio, dtype=np.float64), latency_ratio)
+
+
+def _choose(data: ExperimentArrays, config: DecisionConfig, k: int, acc: _AccuracyEvidence,
+            guard: _Guardrails, target: FloatArray, share_now: FloatArray,
+            ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int8]]:
+    """The policy: each look's action and rule, the first matching rule in policy order."""
+    batch, hours = data.shape
+    cum = guard.cum
+    elapsed = np.arange(1, hours + 1, dtype=np.float64)[None, :]
+    at_horizon = np.broadcast_to(elapsed >= config.max_duration_hours, (batch, hours))
+    idx = np.arange(hours)[None, :]
+    votes = data.votes_a + data.votes_b
+    last_vote = np.maximum.accumulate(np.where(votes > 0, idx, -1), axis=1)
+    stale = (idx - last_vote) >= config.stale_hours
+
+    expected = guard.srm_expected_share
+    scale = np.minimum(expected, 1.0 - expected)
+    srm_deviation = np.nan_to_num(_ratio(np.abs(guard.srm_observed_share - expected), scale))
+    srm = (guard.log_e_srm >= math.log(1.0 / config.alpha_srm)) & (
         srm_deviation >= config.srm_min_relative_deviation)
     reactions_bad = (
-        (reactions_plus >= math.log(k / config.alpha_reactions))
-        & (np.nan_to_num(down_ratio, nan=0.0) >= config.reaction_max_ratio)
-        & (np.minimum(react_a, react_b) >= config.min_reactions_per_arm)
+        (guard.log_e_reactions >= math.log(k / config.alpha_reactions))
+        & (np.nan_to_num(guard.down_ratio, nan=0.0) >= config.reaction_max_ratio)
+        & (np.minimum(guard.reactions_a, guard.reactions_b) >= config.min_reactions_per_arm)
     )
     latency_bad = (
-        (np.nan_to_num(latency_ratio, nan=0.0) >= config.latency_max_ratio)
+        (np.nan_to_num(guard.latency_ratio, nan=0.0) >= config.latency_max_ratio)
         & (np.minimum(cum["latency_n_a"], cum["latency_n_b"]) >= config.min_latency_samples)
     )
-    worse = evidence_minus >= math.log(k / config.alpha_revert_sequential)
+    worse = acc.log_e_minus >= math.log(k / config.alpha_revert_sequential)
     enough = np.minimum(cum["votes_a"], cum["votes_b"]) >= config.min_votes_per_arm
-    ratio = np.nan_to_num(vote_rate_ratio, nan=1.0)
-    parity_broken = (log_e_parity >= math.log(1.0 / config.alpha_parity)) & (
+    ratio = np.nan_to_num(guard.vote_rate_ratio, nan=1.0)
+    parity_broken = (guard.log_e_parity >= math.log(1.0 / config.alpha_parity)) & (
         (ratio > config.parity_max_ratio) | (ratio < 1.0 / config.parity_max_ratio)
     )
-    better = evidence_plus >= math.log(k / config.alpha_promote_sequential)
-    horizon_better = config.horizon_fallback & (mh_z >= config.horizon_z(k))
-    horizon_worse = config.horizon_fallback & (mh_z <= -config.horizon_revert_z(k))
-
-    target = np.minimum(
-        np.array([config.target_share(float(e), k) for e in elapsed[0]])[None, :], max_share)
-    share_now = (np.asarray(data.planned_share, dtype=np.float64) if current_share is None
-                 else np.broadcast_to(np.asarray(current_share, dtype=np.float64),
-                                      (batch, hours)))
+    better = acc.log_e_plus >= math.log(k / config.alpha_promote_sequential)
+    horizon_better = config.horizon_fallback & (acc.mh_z >= config.horizon_z(k))
+    horizon_worse = config.horizon_fallback & (acc.mh_z <= -config.horizon_revert_z(k))
     ramp = target > share_now + 1e-9
 
     # np.select takes the first true condition: the list order is the policy order.
-    conditions = [
-        srm,
-        reactions_bad,
-        latency_bad,
-        worse,
-        stale & at_horizon,
-        stale,
-        better & enough & ~parity_broken,
-        at_horizon & horizon_better & enough & ~parity_broken,
-        at_horizon & horizon_worse,
-        at_horizon,
-        parity_broken,
-        better & ~enough,
-        ramp,
+    policy = [
+        (srm, FREEZE, Rule.SRM),
+        (reactions_bad, REVERT, Rule.REACTIONS),
+        (latency_bad, REVERT, Rule.LATENCY),
+        (worse, REVERT, Rule.EVIDENCE_WORSE),
+        (stale & at_horizon, RETIRE, Rule.HORIZON_RETIRE),
+        (stale, HOLD, Rule.STALE),
+        (better & enough & ~parity_broken, PROMOTE, Rule.EVIDENCE_BETTER),
+        (at_horizon & horizon_better & enough & ~parity_broken, PROMOTE, Rule.HORIZON_MH),
+        (at_horizon & horizon_worse, REVERT, Rule.HORIZON_WORSE),
+        (at_horizon, RETIRE, Rule.HORIZON_RETIRE),
+        (parity_broken, HOLD, Rule.PARITY),
+        (better & ~enough, HOLD, Rule.MIN_VOTES),
+        (ramp, RAMP, Rule.RAMP),
     ]
-    actions = [FREEZE, REVERT, REVERT, REVERT, RETIRE, HOLD, PROMOTE, PROMOTE, REVERT, RETIRE,
-               HOLD, HOLD, RAMP]
-    rules = [_RULE[r] for r in ("srm", "reactions", "latency", "evidence_worse",
-                                "horizon_retire", "stale", "evidence_better", "horizon_mh",
-                                "horizon_worse", "horizon_retire", "parity", "min_votes",
-                                "ramp")]
-    action = np.select(conditions, actions, default=HOLD).astype(np.int8)
-    rule = np.select(conditions, rules, default=_RULE["collecting"]).astype(np.int8)
+    conditions = [c for c, _, _ in policy]
+    action = np.select(conditions, [a for _, a, _ in policy], default=HOLD).astype(np.int8)
+    rule = np.select(conditions, [_RULE[r] for _, _, r in policy],
+                     default=_RULE[Rule.COLLECTING]).astype(np.int8)
+    return action, rule
+
+
+def evaluate(
+    data: ExperimentArrays,
+    config: DecisionConfig,
+    concurrent_candidates: int = 1,
+    current_share: npt.ArrayLike | None = None,
+    max_share: float = 1.0,
+) -> Trajectory:
+    """The decision each hourly look takes, for every experiment of the batch.
+
+    ``current_share`` (batch, hours) is the share in force at each look (default: the planned
+    share of that hour); only the ramp rule reads it. ``max_share`` is the most the
+    candidate's range can grow to where other candidates' ranges lie: the plan's share is
+    capped there, so a ramp is only proposed when routing can carry it out.
+    """
+    data.validate()
+    k = max(1, int(concurrent_candidates))
+    batch, hours = data.shape
+    deff = np.maximum(np.asarray(data.design_effect, dtype=np.float64), 1.0)
+    acc = _accuracy_evidence(data, config, deff)
+    guard = _guardrails(data, config)
+    elapsed = np.arange(1, hours + 1, dtype=np.float64)
+    target = np.minimum(
+        np.array([config.target_share(float(e), k) for e in elapsed])[None, :], max_share)
+    share_now = (np.asarray(data.planned_share, dtype=np.float64) if current_share is None
+                 else np.broadcast_to(np.asarray(current_share, dtype=np.float64),
+                                      (batch, hours)))
+    action, rule = _choose(data, config, k, acc, guard, target, share_now)
     return Trajectory(
         action=action,
         rule=rule,
-        log_e_plus=evidence_plus,
-        log_e_minus=evidence_minus,
-        log_e_srm=log_e_srm,
-        srm_observed_share=observed_share,
-        srm_expected_share=expected_share,
-        log_e_parity=log_e_parity,
-        log_e_reactions=reactions_plus,
-        mh_z=mh_z,
-        mh_odds_ratio=mh.odds_ratio,
-        votes_a=cum["votes_a"],
-        correct_a=cum["correct_a"],
-        votes_b=cum["votes_b"],
-        correct_b=cum["correct_b"],
-        vote_rate_ratio=vote_rate_ratio,
-        down_ratio=down_ratio,
-        latency_ratio=latency_ratio,
+        log_e_plus=acc.log_e_plus,
+        log_e_minus=acc.log_e_minus,
+        log_e_srm=guard.log_e_srm,
+        srm_observed_share=guard.srm_observed_share,
+        srm_expected_share=guard.srm_expected_share,
+        log_e_parity=guard.log_e_parity,
+        log_e_reactions=guard.log_e_reactions,
+        mh_z=acc.mh_z,
+        mh_odds_ratio=acc.mh_odds_ratio,
+        votes_a=guard.cum["votes_a"],
+        correct_a=guard.cum["correct_a"],
+        votes_b=guard.cum["votes_b"],
+        correct_b=guard.cum["correct_b"],
+        vote_rate_ratio=guard.vote_rate_ratio,
+        down_ratio=guard.down_ratio,
+        latency_ratio=guard.latency_ratio,
         target_share=np.broadcast_to(target, (batch, hours)).astype(np.float64),
     )
 
@@ -534,13 +598,79 @@ class ExperimentSnapshot:
 
 
 @dataclass(frozen=True)
+class DecisionStats:
+    """The numbers behind a decision at one look (votes are after the per-user daily cap).
+
+    ``None`` stands for a share or ratio that is undefined so far (no data in an arm)."""
+
+    elapsed_hours: int
+    hours_left: float
+    votes_a: int
+    correct_a: int
+    votes_b: int
+    correct_b: int
+    accuracy_a: float | None
+    interval_a: tuple[float, float]
+    accuracy_b: float | None
+    interval_b: tuple[float, float]
+    e_plus: float
+    e_minus: float
+    promote_threshold: float
+    revert_threshold: float
+    mh_z: float
+    mh_odds_ratio: float
+    horizon_z: float
+    horizon_revert_z: float
+    design_effect: float
+    srm_e: float
+    srm_threshold: float
+    srm_observed_share: float | None
+    srm_expected_share: float | None
+    parity_e: float
+    vote_rate_ratio: float | None
+    reactions_e: float
+    down_ratio: float | None
+    latency_ratio: float | None
+    planned_share: float
+    target_share: float
+    concurrent_candidates: int
+
+    def to_json(self) -> dict[str, Any]:
+        """Strict JSON: NaN as null, infinities as "inf"/"-inf", intervals as lists."""
+        return {key: json_safe(value) for key, value in asdict(self).items()}
+
+
+def json_safe(value: Any) -> Any:
+    """Infinite and NaN floats as strings/None so the output is strict JSON."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
 class Decision:
-    action: str
-    reason: str
-    rule: str
-    stats: dict[str, Any]
+    action: Action
+    rule: Rule
+    # Completed hours of the test at this look.
+    elapsed_hours: int
+    # None when the look computed nothing (no completed hour yet, a restart, no file).
+    stats: DecisionStats | None = None
     new_share: float | None = None
     restart: bool = False
+
+    def stats_json(self) -> dict[str, Any]:
+        """The statistics as stored in the audit log and printed by ``analyze --json``."""
+        if self.stats is None:
+            return {"elapsed_hours": self.elapsed_hours}
+        return self.stats.to_json()
 
 
 def snapshot_arrays(snapshot: ExperimentSnapshot) -> tuple[ExperimentArrays, FloatArray]:
@@ -586,140 +716,63 @@ def snapshot_arrays(snapshot: ExperimentSnapshot) -> tuple[ExperimentArrays, Flo
     return arrays, current
 
 
-def _fmt_e(log_e: float) -> str:
-    value = math.exp(min(log_e, 700.0))
-    return f"{value:.3g}"
-
-
 def decide(snapshot: ExperimentSnapshot, config: DecisionConfig) -> Decision:
     """The decision at ``snapshot.now_hour`` (the same code path the simulation measures)."""
     k = max(1, snapshot.concurrent_candidates)
     elapsed = snapshot.now_hour - snapshot.start_hour
     if snapshot.content_changed:
-        return Decision(
-            action="hold",
-            rule="restart",
-            reason=(f"{snapshot.candidate_id} changed on disk: the test restarts from zero, "
-                    "because the evidence so far is about the old prompt"),
-            stats={"elapsed_hours": max(0, elapsed)},
-            new_share=None,
-            restart=True,
-        )
+        return Decision(Action.HOLD, Rule.RESTART, max(0, elapsed), restart=True)
     if elapsed <= 0:
-        return Decision(action="hold", rule="collecting", reason="the test has no completed "
-                        "hour yet", stats={"elapsed_hours": 0})
+        return Decision(Action.HOLD, Rule.COLLECTING, 0)
     arrays, current = snapshot_arrays(snapshot)
     traj = evaluate(arrays, config, k, current, max_share=snapshot.max_share)
     i = elapsed - 1
     action = int(traj.action[0, i])
-    rule = RULES[int(traj.rule[0, i])]
-
-    va, ca = int(traj.votes_a[0, i]), int(traj.correct_a[0, i])
-    vb, cb = int(traj.votes_b[0, i]), int(traj.correct_b[0, i])
-    acc_a, acc_b = accuracy_summary(va, ca), accuracy_summary(vb, cb)
-    log_ep, log_em = float(traj.log_e_plus[0, i]), float(traj.log_e_minus[0, i])
-
-    def nan_none(x: float) -> float | None:
-        return None if math.isnan(x) else x
-
-    stats: dict[str, Any] = {
-        "elapsed_hours": elapsed,
-        "hours_left": max(0.0, config.max_duration_hours - elapsed),
-        "votes_a": va, "correct_a": ca, "votes_b": vb, "correct_b": cb,
-        "accuracy_a": acc_a.accuracy, "interval_a": [acc_a.low, acc_a.high],
-        "accuracy_b": acc_b.accuracy, "interval_b": [acc_b.low, acc_b.high],
-        "e_plus": math.exp(min(log_ep, 700.0)), "e_minus": math.exp(min(log_em, 700.0)),
-        "promote_threshold": k / config.alpha_promote_sequential,
-        "revert_threshold": k / config.alpha_revert_sequential,
-        "mh_z": float(traj.mh_z[0, i]), "mh_odds_ratio": float(traj.mh_odds_ratio[0, i]),
-        "horizon_z": config.horizon_z(k),
-        "horizon_revert_z": config.horizon_revert_z(k),
-        "design_effect": max(1.0, float(snapshot.design_effect)),
-        "srm_e": math.exp(min(float(traj.log_e_srm[0, i]), 700.0)),
-        "srm_threshold": 1.0 / config.alpha_srm,
-        "srm_observed_share": nan_none(float(traj.srm_observed_share[0, i])),
-        "srm_expected_share": nan_none(float(traj.srm_expected_share[0, i])),
-        "parity_e": math.exp(min(float(traj.log_e_parity[0, i]), 700.0)),
-        "vote_rate_ratio": nan_none(float(traj.vote_rate_ratio[0, i])),
-        "reactions_e": math.exp(min(float(traj.log_e_reactions[0, i]), 700.0)),
-        "down_ratio": nan_none(float(traj.down_ratio[0, i])),
-        "latency_ratio": nan_none(float(traj.latency_ratio[0, i])),
-        "planned_share": snapshot.planned_share,
-        "target_share": float(traj.target_share[0, i]),
-        "concurrent_candidates": k,
-    }
-    reason = _reason(rule, snapshot, config, stats)
     return Decision(
         action=ACTIONS[action],
-        reason=reason,
-        rule=rule,
-        stats=stats,
+        rule=RULES[int(traj.rule[0, i])],
+        elapsed_hours=elapsed,
+        stats=_stats_at(traj, i, snapshot, config, k),
         new_share=float(traj.target_share[0, i]) if action == RAMP else None,
     )
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
+def _stats_at(traj: Trajectory, i: int, snapshot: ExperimentSnapshot, config: DecisionConfig,
+              k: int) -> DecisionStats:
+    va, ca = int(traj.votes_a[0, i]), int(traj.correct_a[0, i])
+    vb, cb = int(traj.votes_b[0, i]), int(traj.correct_b[0, i])
+    acc_a, acc_b = accuracy_summary(va, ca), accuracy_summary(vb, cb)
 
+    def e_value(log_e: npt.NDArray[np.float64]) -> float:
+        return math.exp(min(float(log_e[0, i]), 700.0))
 
-def _reason(rule: str, snap: ExperimentSnapshot, cfg: DecisionConfig, s: dict[str, Any]) -> str:
-    arms = (f"{snap.active_id} {_pct(s['accuracy_a'])} of {s['votes_a']} votes vs "
-            f"{snap.candidate_id} {_pct(s['accuracy_b'])} of {s['votes_b']}")
-    ep, em = _fmt_e(math.log(max(s["e_plus"], 1e-300))), _fmt_e(math.log(max(s["e_minus"],
-                                                                              1e-300)))
-    if rule == "srm":
-        return (f"sample-ratio mismatch: {_pct(s['srm_observed_share'])} of the new users of "
-                f"the two arms went to {snap.candidate_id}, the plan expects "
-                f"{_pct(s['srm_expected_share'])} (SRM e-value "
-                f"{s['srm_e']:.3g} ≥ "
-                f"{s['srm_threshold']:.0f}); test frozen for a person to check routing")
-    if rule == "reactions":
-        how_much = ("while the active version's replies got none" if math.isinf(
-            s["down_ratio"]) else f"{s['down_ratio']:.2f}× the active version's")
-        return (f"👎 on {snap.candidate_id}'s replies {how_much} "
-                f"(e-value {s['reactions_e']:.3g}); reverting")
-    if rule == "latency":
-        return (f"{snap.candidate_id} is {s['latency_ratio']:.2f}× slower than "
-                f"{snap.active_id} (limit {cfg.latency_max_ratio}×); reverting")
-    if rule == "evidence_worse":
-        return f"candidate worse: E⁻ = {em} ≥ {s['revert_threshold']:.0f}; {arms}; reverting"
-    if rule == "evidence_better":
-        return (f"candidate better: E⁺ = {ep} ≥ {s['promote_threshold']:.0f}; {arms}; "
-                "promoting")
-    if rule == "horizon_mh":
-        return (f"{s['elapsed_hours']} h horizon: stratified MH z = {s['mh_z']:.2f} ≥ "
-                f"{s['horizon_z']:.2f}; {arms}; promoting")
-    if rule == "horizon_worse":
-        return (f"{s['elapsed_hours']} h horizon: stratified MH z = {s['mh_z']:.2f} ≤ "
-                f"−{s['horizon_revert_z']:.2f}; {arms}; reverting")
-    if rule == "horizon_retire":
-        return (f"no decision after {s['elapsed_hours']} h (E⁺ = {ep}, E⁻ = {em}, MH z = "
-                f"{s['mh_z']:.2f}); {arms}; keeping {snap.active_id}, retiring "
-                f"{snap.candidate_id}")
-    if rule == "stale":
-        return f"no votes for {cfg.stale_hours:g} h: holding until data flows again"
-    if rule == "parity":
-        return (f"vote rates differ between arms ({s['vote_rate_ratio']:.2f}×, e-value "
-                f"{s['parity_e']:.3g}): holding, accuracy may be biased by who votes")
-    if rule == "min_votes":
-        return (f"E⁺ = {ep} clears the bar but an arm has fewer than "
-                f"{cfg.min_votes_per_arm} votes; {arms}")
-    if rule == "ramp":
-        return (f"smoke period passed without harm; raising {snap.candidate_id} from "
-                f"{_pct(snap.planned_share)} to {_pct(s['target_share'])}")
-    return f"collecting: E⁺ = {ep}, E⁻ = {em}; {arms}; {s['hours_left']:.0f} h left"
+    def nan_none(x: npt.NDArray[np.float64]) -> float | None:
+        value = float(x[0, i])
+        return None if math.isnan(value) else value
 
-
-def describe_next_step(decision: Decision) -> str:
-    """One line for ``/stats``: what the engine does now or needs before it acts."""
-    s = decision.stats
-    if decision.restart:
-        return "test restarts (the candidate's file changed)"
-    if decision.action != "hold":
-        return f"{decision.action}: {decision.reason}"
-    if decision.rule == "collecting" and "e_plus" in s:
-        need_up = s["promote_threshold"] / max(s["e_plus"], 1e-300)
-        need_down = s["revert_threshold"] / max(s["e_minus"], 1e-300)
-        return (f"holding: promotion needs {need_up:.3g}× more evidence, revert "
-                f"{need_down:.3g}×; at most {s['hours_left']:.0f} h until the horizon")
-    return f"holding: {decision.reason}"
+    return DecisionStats(
+        elapsed_hours=i + 1,
+        hours_left=max(0.0, config.max_duration_hours - (i + 1)),
+        votes_a=va, correct_a=ca, votes_b=vb, correct_b=cb,
+        accuracy_a=acc_a.accuracy, interval_a=(acc_a.low, acc_a.high),
+        accuracy_b=acc_b.accuracy, interval_b=(acc_b.low, acc_b.high),
+        e_plus=e_value(traj.log_e_plus), e_minus=e_value(traj.log_e_minus),
+        promote_threshold=k / config.alpha_promote_sequential,
+        revert_threshold=k / config.alpha_revert_sequential,
+        mh_z=float(traj.mh_z[0, i]), mh_odds_ratio=float(traj.mh_odds_ratio[0, i]),
+        horizon_z=config.horizon_z(k),
+        horizon_revert_z=config.horizon_revert_z(k),
+        design_effect=max(1.0, float(snapshot.design_effect)),
+        srm_e=e_value(traj.log_e_srm),
+        srm_threshold=1.0 / config.alpha_srm,
+        srm_observed_share=nan_none(traj.srm_observed_share),
+        srm_expected_share=nan_none(traj.srm_expected_share),
+        parity_e=e_value(traj.log_e_parity),
+        vote_rate_ratio=nan_none(traj.vote_rate_ratio),
+        reactions_e=e_value(traj.log_e_reactions),
+        down_ratio=nan_none(traj.down_ratio),
+        latency_ratio=nan_none(traj.latency_ratio),
+        planned_share=snapshot.planned_share,
+        target_share=float(traj.target_share[0, i]),
+        concurrent_candidates=k,
+    )

@@ -48,7 +48,6 @@ is skipped if the experiment changed since the snapshot (an admin acted meanwhil
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,17 +57,20 @@ from typing import Any
 import numpy as np
 
 from analytics.decide import (
+    Action,
     Decision,
     DecisionConfig,
     ExperimentSnapshot,
     HourStats,
+    Rule,
     decide,
-    describe_next_step,
 )
 from analytics.stats import cap_vote_records, design_effect
 from bot import routing, versions
 from bot.prompts import PromptVersion
 from bot.store.db import Database
+from bot.store.experiments import ExperimentReader, ReactionRow, ServedRow, VoteRow
+from bot.texts import decisions as texts
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,8 @@ class Outcome:
     candidate_id: str
     active_id: str
     decision: Decision
+    # Why, in words (from the decision's rule and numbers).
+    reason: str
     # True when the decision was written (dry runs and holds write nothing).
     applied: bool
     audit_id: int | None
@@ -108,40 +112,30 @@ class Outcome:
     snapshot: ExperimentSnapshot | None = None
 
     @property
-    def action(self) -> str:
+    def action(self) -> Action:
         return self.decision.action
 
     @property
     def notable(self) -> bool:
         """Worth a message to the admins: anything but a plain hold."""
-        return self.error is not None or self.decision.action != "hold" or (
+        return self.error is not None or self.decision.action is not Action.HOLD or (
             self.decision.restart)
+
+    def stats_lines(self) -> list[str]:
+        """The ``/stats`` block of this experiment: arms, evidence, the next step."""
+        return texts.stats_lines(self.candidate_id, self.active_id, self.snapshot,
+                                 self.decision, self.reason)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "candidate": self.candidate_id, "active": self.active_id,
             "action": self.decision.action, "rule": self.decision.rule,
-            "reason": self.decision.reason, "new_share": self.decision.new_share,
+            "reason": self.reason, "new_share": self.decision.new_share,
             "restart": self.decision.restart, "applied": self.applied,
             "audit_id": self.audit_id, "error": self.error, "message": self.message,
-            "next_step": describe_next_step(self.decision),
-            "stats": _json_safe(self.decision.stats),
+            "next_step": texts.next_step(self.decision, self.reason),
+            "stats": self.decision.stats_json(),
         }
-
-
-def _json_safe(value: Any) -> Any:
-    """Infinite and NaN floats as strings/None so the output is strict JSON."""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 # ------------------------------------------------------------------------------ share timeline
@@ -223,83 +217,106 @@ async def build_experiment(
     assert active is not None
     a_id, b_id = active.version_id, candidate.version_id
     start = experiment_start(candidate, active)
-    start_hour = int(start // HOUR_S)
     now_hour = int(now // HOUR_S)
     end = now_hour * HOUR_S
-    arm_of = {a_id: 0, b_id: 1}
-    # Every other version that held a candidate share at some time, running now or not: a
-    # past hour is judged by the slices served then (share_at is 0 outside their periods).
-    others = [v for v in timeline.changes if v not in (a_id, b_id)]
+    reader = ExperimentReader(db)
+    arms = _Arms({a_id: 0, b_id: 1}, candidate,
+                 # Every other version that held a candidate share at some time, running now
+                 # or not: a past hour is judged by the slices served then (share_at is 0
+                 # outside their periods).
+                 [v for v in timeline.changes if v not in (a_id, b_id)], timeline)
     hours: dict[int, _Hour] = defaultdict(_Hour.empty)
+    _count_served(hours, arms, await reader.served(a_id, b_id, start, end),
+                  await reader.first_interaction_ids(a_id, b_id, start, end))
+    per_user = _count_votes(hours, arms, await reader.votes(a_id, b_id, start, end),
+                            config.max_votes_per_user_day)
+    _count_reactions(hours, arms, await reader.reply_reactions(a_id, b_id, start, end))
+    version = prompt_versions.get(b_id)
+    snapshot = ExperimentSnapshot(
+        active_id=a_id, candidate_id=b_id, planned_share=candidate.share,
+        start_hour=int(start // HOUR_S), now_hour=now_hour, strata=_strata(hours, arms),
+        concurrent_candidates=max(len(deployment.candidates),
+                                  timeline.max_concurrent(start, now)),
+        content_changed=version is not None and candidate.content_hash not in (
+            "", version.content_hash),
+        design_effect=_design_effect(per_user),
+        max_share=routing.room([s for s in deployment.slices() if s.version_id != b_id],
+                               candidate.range_start),
+    )
+    return Experiment(snapshot, start, candidate, active)
 
-    rows = await db.fetchall(
-        "SELECT id, user_id, version_id, created_at, label IS NOT NULL AS verdict,"
-        " reply_latency_ms FROM interactions"
-        " WHERE version_id IN (?, ?) AND created_at >= ? AND created_at < ?"
-        " ORDER BY created_at, id", (a_id, b_id, start, end))
-    # The sample-ratio test counts new users only: one whose first message ever is in this
-    # test has a uniformly hashed bucket. A returning user's bucket is not uniform given
-    # their history (e.g. the users of a retired candidate all come back to the active arm).
-    first_ids: dict[int, int] = {int(u): int(i) for u, i in await db.fetchall(
-        "SELECT user_id, MIN(id) FROM interactions WHERE user_id IN ("
-        "  SELECT user_id FROM interactions"
-        "  WHERE version_id IN (?, ?) AND created_at >= ? AND created_at < ?)"
-        " GROUP BY user_id", (a_id, b_id, start, end))}
+
+@dataclass(frozen=True)
+class _Arms:
+    """Which arm a version is (0 = A, 1 = B) and the candidate's share over time."""
+
+    index: Mapping[str, int]
+    candidate: versions.VersionState
+    others: Sequence[str]
+    timeline: ShareTimeline
+
+    def share_at(self, at: float) -> float:
+        return self.timeline.conditional_share(self.candidate, self.others, at)
+
+
+def _count_served(hours: dict[int, _Hour], arms: _Arms, rows: Sequence[ServedRow],
+                  first_ids: Mapping[int, int]) -> None:
+    """Verdicts served, new users and reply latency, in the hour of the interaction.
+
+    The sample-ratio test counts new users only: one whose first message ever is in this
+    test has a uniformly hashed bucket. A returning user's bucket is not uniform given their
+    history (e.g. the users of a retired candidate all come back to the active arm)."""
     for r in rows:
-        arm = arm_of[r["version_id"]]
-        at = float(r["created_at"])
-        h = hours[int(at // HOUR_S)]
-        if r["verdict"]:
+        arm = arms.index[r.version_id]
+        h = hours[int(r.created_at // HOUR_S)]
+        if r.verdict:
             h.served[arm] += 1
-        if first_ids.get(r["user_id"]) == r["id"]:
+        if first_ids.get(r.user_id) == r.id:
             h.new_users[arm] += 1
-            h.new_share_sum += timeline.conditional_share(candidate, others, at)
-        if r["reply_latency_ms"] is not None:
+            h.new_share_sum += arms.share_at(r.created_at)
+        if r.reply_latency_ms is not None:
             h.latency_n[arm] += 1
-            h.latency_sum[arm] += float(r["reply_latency_ms"]) / 1000.0
+            h.latency_sum[arm] += r.reply_latency_ms / 1000.0
 
-    votes = await db.fetchall(
-        # The value as cast: a later change must not rewrite an hour that already closed.
-        "SELECT v.user_id, COALESCE(v.first_correct, v.correct) AS correct, v.created_at,"
-        " i.version_id FROM votes v"
-        " JOIN interactions i ON i.id = v.interaction_id"
-        " WHERE i.version_id IN (?, ?) AND i.created_at >= ? AND v.created_at < ?"
-        " ORDER BY v.created_at, v.id", (a_id, b_id, start, end))
-    keep = cap_vote_records([(v["user_id"], int(float(v["created_at"]) // DAY_S))
-                             for v in votes], config.max_votes_per_user_day)
+
+def _count_votes(hours: dict[int, _Hour], arms: _Arms, votes: Sequence[VoteRow],
+                 cap_per_day: int) -> dict[int, list[int]]:
+    """Votes in the hour they were cast, each voter's beyond the daily cap dropped; returns
+    per user [votes A, correct A, votes B, correct B] for the design effect."""
+    keep = cap_vote_records([(v.user_id, int(v.created_at // DAY_S)) for v in votes],
+                            cap_per_day)
     per_user: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for v, kept in zip(votes, keep, strict=True):
         if not kept:
             continue
-        arm = arm_of[v["version_id"]]
-        h = hours[int(float(v["created_at"]) // HOUR_S)]
+        arm = arms.index[v.version_id]
+        h = hours[int(v.created_at // HOUR_S)]
         h.votes[arm] += 1
-        h.correct[arm] += int(v["correct"])
-        counts = per_user[int(v["user_id"])]
+        h.correct[arm] += int(v.correct)
+        counts = per_user[v.user_id]
         counts[2 * arm] += 1
-        counts[2 * arm + 1] += int(v["correct"])
+        counts[2 * arm + 1] += int(v.correct)
+    return per_user
 
-    reactions = await db.fetchall(
-        # As first given, like votes: a later change or removal must not rewrite a closed hour.
-        "SELECT r.first_polarity AS polarity, r.first_at AS at, i.version_id FROM reactions r"
-        " JOIN interactions i ON i.id = r.interaction_id"
-        " WHERE r.kind = 'reply' AND r.first_polarity != 0 AND i.version_id IN (?, ?)"
-        " AND i.created_at >= ? AND r.first_at < ?", (a_id, b_id, start, end))
+
+def _count_reactions(hours: dict[int, _Hour], arms: _Arms,
+                     reactions: Sequence[ReactionRow]) -> None:
     for r in reactions:
-        arm = arm_of[r["version_id"]]
-        h = hours[int(float(r["at"]) // HOUR_S)]
-        if int(r["polarity"]) > 0:
+        arm = arms.index[r.version_id]
+        h = hours[int(r.at // HOUR_S)]
+        if r.polarity > 0:
             h.up[arm] += 1
         else:
             h.down[arm] += 1
 
+
+def _strata(hours: Mapping[int, _Hour], arms: _Arms) -> tuple[HourStats, ...]:
     strata = []
     for hour in sorted(hours):
         h = hours[hour]
         new = h.new_users[0] + h.new_users[1]
         # Hours without a new user still need a share for the strata boundaries.
-        share = (h.new_share_sum / new if new else
-                 timeline.conditional_share(candidate, others, (hour + 1) * HOUR_S - 1e-3))
+        share = h.new_share_sum / new if new else arms.share_at((hour + 1) * HOUR_S - 1e-3)
         # An average of equal shares is not always bit-equal to them (3 × 0.1 / 3); the
         # strata split where the share changes, so float noise must not look like a change.
         share = round(share, 9)
@@ -311,24 +328,14 @@ async def build_experiment(
             latency_n_a=h.latency_n[0], latency_sum_a=h.latency_sum[0],
             latency_n_b=h.latency_n[1], latency_sum_b=h.latency_sum[1],
         ))
+    return tuple(strata)
 
-    deff = 1.0
-    if per_user:
-        users = np.array(list(per_user.values()), dtype=np.float64)
-        deff = float(design_effect(users[:, 0], users[:, 1], users[:, 2], users[:, 3]))
-    version = prompt_versions.get(b_id)
-    snapshot = ExperimentSnapshot(
-        active_id=a_id, candidate_id=b_id, planned_share=candidate.share,
-        start_hour=start_hour, now_hour=now_hour, strata=tuple(strata),
-        concurrent_candidates=max(len(deployment.candidates),
-                                  timeline.max_concurrent(start, now)),
-        content_changed=version is not None and candidate.content_hash not in (
-            "", version.content_hash),
-        design_effect=deff,
-        max_share=routing.room([s for s in deployment.slices() if s.version_id != b_id],
-                               candidate.range_start),
-    )
-    return Experiment(snapshot, start, candidate, active)
+
+def _design_effect(per_user: Mapping[int, list[int]]) -> float:
+    if not per_user:
+        return 1.0
+    users = np.array(list(per_user.values()), dtype=np.float64)
+    return float(design_effect(users[:, 0], users[:, 1], users[:, 2], users[:, 3]))
 
 
 async def build_experiments(
@@ -348,13 +355,14 @@ async def build_experiments(
 
 
 def audit_stats(decision: Decision, snapshot: ExperimentSnapshot) -> dict[str, Any]:
-    return {**_json_safe(decision.stats), "decision": decision.action, "rule": decision.rule,
-            "now_hour": snapshot.now_hour, "start_hour": snapshot.start_hour}
+    return {**decision.stats_json(), "decision": str(decision.action),
+            "rule": str(decision.rule), "now_hour": snapshot.now_hour,
+            "start_hour": snapshot.start_hour}
 
 
 async def apply_decision(
     db: Database, experiment: Experiment, decision: Decision,
-    prompt_versions: Mapping[str, PromptVersion], *, actor: str = ENGINE_ACTOR,
+    prompt_versions: Mapping[str, PromptVersion], *, reason: str, actor: str = ENGINE_ACTOR,
     now: float | None = None,
 ) -> versions.AuditEntry | None:
     """Write ``decision`` through :mod:`bot.versions` (one transaction with its audit entry).
@@ -376,7 +384,8 @@ async def apply_decision(
     try:
         if decision.restart:  # the restart re-reads the files itself; check first
             unchanged(await versions.load(db))
-        return await _write_decision(db, experiment, decision, prompt_versions, actor=actor,
+        return await _write_decision(db, experiment, decision, prompt_versions,
+                                     reason=f"{decision.action}: {reason}", actor=actor,
                                      now=now, expect=unchanged)
     except _StaleSnapshot:
         log.warning("experiment %s vs %s changed since its snapshot: %s not applied",
@@ -390,98 +399,29 @@ class _StaleSnapshot(versions.VersionError):
 
 async def _write_decision(
     db: Database, experiment: Experiment, decision: Decision,
-    prompt_versions: Mapping[str, PromptVersion], *, actor: str, now: float | None,
-    expect: versions.Expectation,
+    prompt_versions: Mapping[str, PromptVersion], *, reason: str, actor: str,
+    now: float | None, expect: versions.Expectation,
 ) -> versions.AuditEntry | None:
     snap = experiment.snapshot
     stats = audit_stats(decision, snap)
-    reason = f"{decision.action}: {decision.reason}"
     b = snap.candidate_id
     if decision.restart:
         entries = await versions.restart_edited(db, prompt_versions, actor=actor, now=now,
                                                 stats=stats)
         return next((e for e in entries if e.version_id == b), None)
-    if decision.action == "promote":
+    if decision.action is Action.PROMOTE:
         return await versions.promote(db, b, prompt_versions, actor=actor, reason=reason,
                                       stats=stats, now=now, expect=expect)
-    if decision.action in ("revert", "retire", "freeze"):
+    if decision.action in (Action.REVERT, Action.RETIRE, Action.FREEZE):
         return await versions.retire(db, b, actor=actor, reason=reason, stats=stats, now=now,
                                      expect=expect)
-    if decision.action == "ramp":
+    if decision.action is Action.RAMP:
         if decision.new_share is None:
             raise ValueError("a ramp decision without a new share")
         return await versions.set_canary(db, b, decision.new_share * 100.0, prompt_versions,
                                          actor=actor, reason=reason, stats=stats, now=now,
                                          expect=expect)
     return None
-
-
-def _pct(x: Any) -> str:
-    return "n/a" if x is None else f"{100 * float(x):.1f}%"
-
-
-def arm_lines(snapshot: ExperimentSnapshot, decision: Decision) -> list[str]:
-    """Per arm: capped votes, accuracy with its 95% interval; then E⁺/E⁻ and their bars."""
-    s = decision.stats
-    if "votes_a" not in s:
-        return []
-    lines = []
-    for arm, vid in (("a", snapshot.active_id), ("b", snapshot.candidate_id)):
-        low, high = s[f"interval_{arm}"]
-        interval = "" if s[f"accuracy_{arm}"] is None else f" (95% CI {_pct(low)}–{_pct(high)})"
-        lines.append(f"{vid}: {s[f'votes_{arm}']} votes, {s[f'correct_{arm}']} correct, "
-                     f"accuracy {_pct(s[f'accuracy_{arm}'])}{interval}")
-    lines.append(f"evidence for the candidate E⁺ = {s['e_plus']:.3g} (promote at "
-                 f"{s['promote_threshold']:.0f}), against E⁻ = {s['e_minus']:.3g} (revert at "
-                 f"{s['revert_threshold']:.0f}); {s['elapsed_hours']} h of "
-                 f"{s['elapsed_hours'] + s['hours_left']:.0f}, share {_pct(s['planned_share'])}")
-    return lines
-
-
-def stats_lines(outcome: Outcome) -> list[str]:
-    """The ``/stats`` block of one running experiment: arms, evidence, the next step."""
-    snap, decision = outcome.snapshot, outcome.decision
-    head = f"🧪 {outcome.candidate_id} vs {outcome.active_id}"
-    if snap is not None:
-        head += (f" · share {_pct(snap.planned_share)} · "
-                 f"{max(0, snap.now_hour - snap.start_hour)} h")
-    body = arm_lines(snap, decision) if snap is not None else []
-    return [head, *body, f"next: {describe_next_step(decision)}"]
-
-
-def format_message(snapshot: ExperimentSnapshot, decision: Decision, *, applied: bool,
-                   dry_run: bool = False, error: str | None = None,
-                   skipped: str | None = None) -> str:
-    head = f"🤖 {snapshot.candidate_id} vs {snapshot.active_id}: {decision.action.upper()}"
-    if decision.restart:
-        head += " (test restarts)"
-    if error is not None:
-        head += f" — NOT applied: {error}"
-    elif skipped is not None:
-        head += f" — not applied here: {skipped}"
-    elif dry_run and (decision.action != "hold" or decision.restart):
-        head += " (dry run: not applied)"
-    elif not applied and decision.action != "hold":
-        head += " — not applied: the experiment changed meanwhile"
-    done = [_effect(snapshot, decision)] if applied and error is None else []
-    return "\n".join([head, decision.reason, *done, *arm_lines(snapshot, decision)])
-
-
-def _effect(snapshot: ExperimentSnapshot, decision: Decision) -> str:
-    """What the applied decision changed, in the admin's terms."""
-    a, b = snapshot.active_id, snapshot.candidate_id
-    if decision.restart:
-        return f"→ the test of {b} starts again from zero with the new file"
-    if decision.action == "promote":
-        return f"→ {b} now serves everyone; {a} is retired (/rollback brings it back)"
-    if decision.action in ("revert", "retire"):
-        return f"→ {b} is no longer served; {a} keeps serving everyone"
-    if decision.action == "freeze":
-        return (f"→ {b} is taken off (share 0) until a person has checked routing; "
-                f"/canary {b} <percent> starts a fresh test")
-    if decision.action == "ramp" and decision.new_share is not None:
-        return f"→ {b} now serves {_pct(decision.new_share)} of users (its users so far stay)"
-    return "→ no change"
 
 
 async def analyze(
@@ -512,29 +452,28 @@ async def analyze(
         snap = exp.snapshot
         done.add(snap.candidate_id)
         if snap.candidate_id not in prompt_versions:
-            decision = Decision(
-                action="hold", rule="missing_file", stats={},
-                reason=f"{snap.candidate_id} has no prompt file here: it is not served and "
-                       f"cannot be analysed; /retire {snap.candidate_id} ends its test")
+            decision = Decision(Action.HOLD, Rule.MISSING_FILE,
+                                max(0, snap.now_hour - snap.start_hour))
         else:
             decision = decide(snap, config)
+        reason = texts.reason(decision, snap, config)
         entry: versions.AuditEntry | None = None
         error: str | None = None
         skipped: str | None = None
         if apply and decision.restart and not apply_restarts:
             skipped = ("the file on disk is not what the bot serves yet; the bot restarts "
                        "this test when it starts with the edited file")
-        elif apply and (decision.action != "hold" or decision.restart):
+        elif apply and (decision.action is not Action.HOLD or decision.restart):
             try:
-                entry = await apply_decision(db, exp, decision, prompt_versions, actor=actor,
-                                             now=at)
+                entry = await apply_decision(db, exp, decision, prompt_versions,
+                                             reason=reason, actor=actor, now=at)
             except Exception as exc:
                 log.exception("could not apply %s for %s", decision.action, snap.candidate_id)
                 error = f"{type(exc).__name__}: {exc}"
         outcomes.append(Outcome(
             candidate_id=snap.candidate_id, active_id=snap.active_id, decision=decision,
-            applied=entry is not None, audit_id=entry.id if entry else None,
-            message=format_message(snap, decision, applied=entry is not None,
-                                   dry_run=not apply, error=error, skipped=skipped),
+            reason=reason, applied=entry is not None, audit_id=entry.id if entry else None,
+            message=texts.admin_message(snap, decision, reason, applied=entry is not None,
+                                        dry_run=not apply, error=error, skipped=skipped),
             error=error, snapshot=snap,
         ))

@@ -108,7 +108,7 @@ async def _with_db(args: argparse.Namespace) -> tuple[Any, Any]:
 
 async def _report(args: argparse.Namespace) -> int:
     from bot.learning.loop import build_report
-    from bot.telegram.learning_texts import report_text
+    from bot.texts.learning import report_text
 
     settings, db = await _with_db(args)
     try:

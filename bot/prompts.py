@@ -16,13 +16,15 @@ from typing import Any
 
 import yaml
 
+from bot.errors import LoopbotError
+
 # Ids become file names, audit-log keys and callback-free identifiers: keep them boring.
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,47}$")
 MAX_EXAMPLE_CHARS = 400
 MAX_EXAMPLES = 64
 
 
-class PromptError(ValueError):
+class PromptError(LoopbotError, ValueError):
     """A prompt version file is unreadable or invalid; the message names file and field."""
 
     def __init__(self, path: Path | str, field_name: str, problem: str) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from bot.errors import LoopbotError
+
 GGUF_MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
 
@@ -31,7 +33,7 @@ _U64 = struct.Struct("<Q")
 _ARRAY = 9
 
 
-class GGUFError(ValueError):
+class GGUFError(LoopbotError, ValueError):
     """The file is missing, not GGUF, or truncated; the message names the file."""
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from bot.experiment import analyze
 from bot.learning import loop as learning
-from bot.telegram import learning_texts
 from bot.telegram.state import BotApp, BotContext
+from bot.texts import learning as learning_texts
 
 log = logging.getLogger(__name__)
 

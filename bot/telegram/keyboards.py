@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup
 
+from bot import texts
 from bot.service import CORRECT, WRONG
 from bot.store.queries import Interaction, Vote
-from bot.telegram import texts
 
 MAX_CALLBACK_BYTES = 64
 _CALLBACK_RE = re.compile(r"v:([1-9][0-9]{0,17}):(c|w|[0-9]{1,2})")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from bot.learning.loop import CycleResult, LearningReport, Proposal
-from bot.telegram.texts import split_message
+from bot.texts import split_message
 from bot.versions import AuditEntry
 
 MESSAGE_LIMIT = 4000

@@ -11,14 +11,16 @@ import pytest
 
 from analytics.decide import (
     ACTIONS,
+    Decision,
     DecisionConfig,
+    DecisionStats,
     ExperimentSnapshot,
     HourStats,
     decide,
-    describe_next_step,
     evaluate,
     snapshot_arrays,
 )
+from bot.texts.decisions import next_step, reason
 
 START = 500_000  # an absolute hour index, as the store would use
 
@@ -60,6 +62,16 @@ def snap(rows: list[HourStats], n_hours: int | None = None, share: float = 0.5,
 CFG = DecisionConfig()
 
 
+def why(decision: Decision, snapshot: ExperimentSnapshot) -> str:
+    """What the admins read about the decision (written from its rule and numbers)."""
+    return reason(decision, snapshot, CFG)
+
+
+def stats_of(decision: Decision) -> DecisionStats:
+    assert decision.stats is not None
+    return decision.stats
+
+
 def test_config_defaults_validate_and_use_yaml_friendly_types() -> None:
     CFG.validate()
     allowed = {int, float, str, bool}
@@ -86,48 +98,55 @@ def test_config_rejects_nonsense(change: dict[str, typing.Any]) -> None:
 
 
 def test_promotes_a_clearly_better_candidate() -> None:
-    d = decide(snap(hours_of(24, correct_a=7, correct_b=9)), CFG)
+    d_snap = snap(hours_of(24, correct_a=7, correct_b=9))
+    d = decide(d_snap, CFG)
     assert d.action == "promote" and d.rule == "evidence_better"
-    assert d.stats["e_plus"] >= d.stats["promote_threshold"] == pytest.approx(1 / 0.003)
-    assert d.stats["votes_a"] == d.stats["votes_b"] == 240
-    assert "E⁺" in d.reason and "90.0%" in d.reason and "70.0%" in d.reason
+    assert stats_of(d).e_plus >= stats_of(d).promote_threshold == pytest.approx(1 / 0.003)
+    assert stats_of(d).votes_a == stats_of(d).votes_b == 240
+    assert "E⁺" in why(d, d_snap) and "90.0%" in why(d, d_snap) and "70.0%" in why(d, d_snap)
 
 
 def test_reverts_a_clearly_worse_candidate() -> None:
-    d = decide(snap(hours_of(24, correct_a=9, correct_b=7)), CFG)
+    d_snap = snap(hours_of(24, correct_a=9, correct_b=7))
+    d = decide(d_snap, CFG)
     assert d.action == "revert" and d.rule == "evidence_worse"
-    assert d.stats["e_minus"] >= d.stats["revert_threshold"]
+    assert stats_of(d).e_minus >= stats_of(d).revert_threshold
 
 
 def test_promotion_waits_for_minimum_votes_per_arm() -> None:
-    d = decide(snap(hours_of(12, correct_a=1, correct_b=5, votes=5)), CFG)
-    assert d.stats["e_plus"] >= d.stats["promote_threshold"]
+    d_snap = snap(hours_of(12, correct_a=1, correct_b=5, votes=5))
+    d = decide(d_snap, CFG)
+    assert stats_of(d).e_plus >= stats_of(d).promote_threshold
     assert d.action == "hold" and d.rule == "min_votes"
 
 
 def test_horizon_retires_without_difference_and_mh_can_promote() -> None:
-    flat = decide(snap(hours_of(168)), CFG)
+    flat_snap = snap(hours_of(168))
+    flat = decide(flat_snap, CFG)
     assert flat.action == "retire" and flat.rule == "horizon_retire"
-    assert "retiring v2-zh" in flat.reason
+    assert "retiring v2-zh" in why(flat, flat_snap)
     # A small consistent gain: not enough for the e-process, enough for MH at the horizon.
     rows = hours_of(168, correct_b=lambda h: 8 + (h % 25 < 9))
-    d = decide(snap(rows), CFG)
-    assert d.stats["e_plus"] < d.stats["promote_threshold"]
+    d_snap = snap(rows)
+    d = decide(d_snap, CFG)
+    assert stats_of(d).e_plus < stats_of(d).promote_threshold
     assert d.action == "promote" and d.rule == "horizon_mh"
-    assert d.stats["mh_z"] >= d.stats["horizon_z"]
+    assert stats_of(d).mh_z >= stats_of(d).horizon_z
     # The same data one day earlier: still collecting.
     assert decide(snap(rows[:144]), CFG).action == "hold"
 
 
 def test_broken_split_freezes_the_test() -> None:
     rows = hours_of(24, new_users_a=14, new_users_b=6)
-    d = decide(snap(rows), CFG)
+    d_snap = snap(rows)
+    d = decide(d_snap, CFG)
     assert d.action == "freeze" and d.rule == "srm"
-    assert "sample-ratio" in d.reason and d.stats["srm_e"] >= 1000
+    assert "sample-ratio" in why(d, d_snap) and stats_of(d).srm_e >= 1000
 
 
 def test_edited_candidate_restarts() -> None:
-    d = decide(snap(hours_of(24, correct_a=7, correct_b=9), content_changed=True), CFG)
+    d_snap = snap(hours_of(24, correct_a=7, correct_b=9), content_changed=True)
+    d = decide(d_snap, CFG)
     assert d.restart and d.action == "hold" and d.rule == "restart"
 
 
@@ -137,44 +156,50 @@ SMOKE = {"votes_a": 18, "correct_a": 14, "votes_b": 2, "correct_b": 2}
 def test_ramps_after_the_smoke_period() -> None:
     rows = hours_of(5, share=0.1, **SMOKE)
     assert decide(snap(rows, share=0.1), CFG).action == "hold"
-    d = decide(snap(hours_of(6, share=0.1, **SMOKE), share=0.1), CFG)
+    d_snap = snap(hours_of(6, share=0.1, **SMOKE), share=0.1)
+    d = decide(d_snap, CFG)
     assert d.action == "ramp" and d.new_share == 0.5
-    assert "10.0%" in d.reason and "50.0%" in d.reason
+    assert "10.0%" in why(d, d_snap) and "50.0%" in why(d, d_snap)
     # Already at 50%: nothing to do.
     assert decide(snap(hours_of(8)), CFG).action == "hold"
 
 
 def test_concurrent_candidates_split_budget_and_traffic() -> None:
-    d = decide(snap(hours_of(7, share=0.1, **SMOKE), share=0.1, concurrent_candidates=2), CFG)
+    d_snap = snap(hours_of(7, share=0.1, **SMOKE), share=0.1, concurrent_candidates=2)
+    d = decide(d_snap, CFG)
     assert d.action == "ramp" and d.new_share == pytest.approx(1 / 3)
-    assert d.stats["promote_threshold"] == pytest.approx(2 / 0.003)
-    assert d.stats["revert_threshold"] == pytest.approx(2 / CFG.alpha_revert_sequential)
+    assert stats_of(d).promote_threshold == pytest.approx(2 / 0.003)
+    assert stats_of(d).revert_threshold == pytest.approx(2 / CFG.alpha_revert_sequential)
 
 
 def test_stale_data_holds() -> None:
     rows = hours_of(30) + [HourStats(hour=START + 30 + i, served_a=30, served_b=30,
                                      planned_share=0.5) for i in range(6)]
-    d = decide(snap(rows), CFG)
+    d_snap = snap(rows)
+    d = decide(d_snap, CFG)
     assert d.action == "hold" and d.rule == "stale"
 
 
 def test_more_thumbs_down_reverts() -> None:
     rows = hours_of(72, up_a=8, down_a=2, up_b=4, down_b=6)
-    d = decide(snap(rows), CFG)
+    d_snap = snap(rows)
+    d = decide(d_snap, CFG)
     assert d.action == "revert" and d.rule == "reactions"
-    assert d.stats["down_ratio"] == pytest.approx(3.0)
+    assert stats_of(d).down_ratio == pytest.approx(3.0)
 
 
 def test_thumbs_down_on_the_candidate_only_reverts() -> None:
     # Not one 👎 on the active version's replies: the candidate's are infinitely worse.
-    d = decide(snap(hours_of(72, up_a=10, down_a=0, up_b=4, down_b=6)), CFG)
+    d_snap = snap(hours_of(72, up_a=10, down_a=0, up_b=4, down_b=6))
+    d = decide(d_snap, CFG)
     assert d.action == "revert" and d.rule == "reactions"
-    assert d.stats["down_ratio"] == math.inf
-    assert "while the active version's replies got none" in d.reason
+    assert stats_of(d).down_ratio == math.inf
+    assert "while the active version's replies got none" in why(d, d_snap)
 
 
 def test_no_thumbs_down_anywhere_is_no_reason_to_revert() -> None:
-    d = decide(snap(hours_of(72, up_a=10, down_a=0, up_b=10, down_b=0)), CFG)
+    d_snap = snap(hours_of(72, up_a=10, down_a=0, up_b=10, down_b=0))
+    d = decide(d_snap, CFG)
     assert d.rule != "reactions"
 
 
@@ -187,18 +212,20 @@ def test_a_ramp_stops_where_routing_has_no_room() -> None:
 
 
 def test_slower_candidate_reverts() -> None:
-    d = decide(snap(hours_of(3, latency_sum_b=80.0)), CFG)
+    d_snap = snap(hours_of(3, latency_sum_b=80.0))
+    d = decide(d_snap, CFG)
     assert d.action == "revert" and d.rule == "latency"
-    assert "2.22× slower" in d.reason
+    assert "2.22× slower" in why(d, d_snap)
 
 
 def test_vote_rate_disparity_holds_promotion() -> None:
     # Same verdicts served, but the candidate's verdicts are voted on 2.5× less often.
     rows = hours_of(48, correct_a=14, correct_b=4, votes=4)
     rows = [dataclasses.replace(r, votes_a=20, correct_a=14) for r in rows]
-    d = decide(snap(rows), CFG)
+    d_snap = snap(rows)
+    d = decide(d_snap, CFG)
     assert d.action == "hold" and d.rule == "parity"
-    assert d.stats["vote_rate_ratio"] == pytest.approx(0.2)
+    assert stats_of(d).vote_rate_ratio == pytest.approx(0.2)
 
 
 def test_partial_and_foreign_hours_are_ignored() -> None:
@@ -210,7 +237,8 @@ def test_partial_and_foreign_hours_are_ignored() -> None:
 
 
 def test_no_completed_hour_holds() -> None:
-    d = decide(snap([], n_hours=0), CFG)
+    d_snap = snap([], n_hours=0)
+    d = decide(d_snap, CFG)
     assert d.action == "hold" and d.rule == "collecting"
 
 
@@ -226,16 +254,19 @@ def test_decide_is_the_vectorised_engine_at_the_last_look() -> None:
     traj = evaluate(arrays, CFG)
     seen = set()
     for t in range(60):
-        d = decide(snap(rows[: t + 1]), CFG)
+        d_snap = snap(rows[: t + 1])
+        d = decide(d_snap, CFG)
         assert d.action == ACTIONS[traj.action[0, t]]
-        assert math.log(d.stats["e_plus"]) == pytest.approx(traj.log_e_plus[0, t])
+        assert math.log(stats_of(d).e_plus) == pytest.approx(traj.log_e_plus[0, t])
         seen.add(d.action)
     assert "promote" in seen  # the comparison covered a decision, not only holds
 
 
 def test_describe_next_step() -> None:
-    hold = decide(snap(hours_of(10)), CFG)
-    text = describe_next_step(hold)
+    hold_snap = snap(hours_of(10))
+    hold = decide(hold_snap, CFG)
+    text = next_step(hold, why(hold, hold_snap))
     assert text.startswith("holding: promotion needs") and "h until the horizon" in text
-    promote = decide(snap(hours_of(24, correct_a=7, correct_b=9)), CFG)
-    assert describe_next_step(promote).startswith("promote:")
+    promote_snap = snap(hours_of(24, correct_a=7, correct_b=9))
+    promote = decide(promote_snap, CFG)
+    assert next_step(promote, why(promote, promote_snap)).startswith("promote:")

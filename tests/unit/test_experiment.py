@@ -230,7 +230,8 @@ async def test_a_decision_on_a_test_an_admin_changed_meanwhile_is_not_applied(
     # Between the engine's snapshot and its write, an admin ends the test by hand.
     await versions.retire(db, B, actor="admin:1", reason="by hand", now=now + 1)
     before = await audit_count(db)
-    assert await experiment.apply_decision(db, exp, decision, catalog, now=now + 2) is None
+    assert await experiment.apply_decision(db, exp, decision, catalog, reason="test",
+                                          now=now + 2) is None
     assert await audit_count(db) == before
     state = await versions.load(db)
     assert state.active is not None and state.active.version_id == A
@@ -260,8 +261,9 @@ async def test_sample_ratio_guard_freezes_a_broken_split(
     await fill(db, hours=20, per_hour_a=30, per_hour_b=10, acc_a=0.8, acc_b=0.8)
     (out,) = await experiment.analyze(db, catalog, DecisionConfig(), now=T0 + 20 * 3600 + 60)
     assert (out.action, out.decision.rule, out.applied) == ("freeze", "srm", True)
-    assert out.decision.stats["srm_observed_share"] == pytest.approx(0.25)
-    assert out.decision.stats["srm_expected_share"] == pytest.approx(0.5)
+    assert out.decision.stats is not None
+    assert out.decision.stats.srm_observed_share == pytest.approx(0.25)
+    assert out.decision.stats.srm_expected_share == pytest.approx(0.5)
     assert "25.0% of the new users of the two arms went to v1-en, the plan expects 50.0%" in (
         out.message)
     state = await versions.load(db)
@@ -342,7 +344,8 @@ async def test_two_candidates_split_the_traffic_and_a_promotion_restarts_the_oth
     out_b, out_c = await experiment.analyze(db, cat, DecisionConfig(), now=now)
     assert (out_b.candidate_id, out_b.action, out_b.applied) == (B, "promote", True)
     # Two candidates: each gets half the error budget.
-    assert out_b.decision.stats["promote_threshold"] == pytest.approx(
+    assert out_b.decision.stats is not None
+    assert out_b.decision.stats.promote_threshold == pytest.approx(
         2 / DecisionConfig().alpha_promote_sequential)
     # v2 was compared with v1-zh: against the new active version its test starts now.
     assert (out_c.candidate_id, out_c.active_id, out_c.action) == ("v2", B, "hold")
@@ -403,8 +406,8 @@ async def test_retiring_one_candidate_does_not_break_the_others_split(
     # v2's returning users are not new users: their buckets are not a fair draw any more.
     assert sum(s.new_users_a + s.new_users_b for s in exp.snapshot.strata) == 30 * 14 + 3 * 14
     decision = decide(exp.snapshot, DecisionConfig())
-    assert decision.rule != "srm", decision.reason
-    assert decision.stats["srm_e"] < 10
+    assert decision.rule != "srm"
+    assert decision.stats is not None and decision.stats.srm_e < 10
 
 
 async def test_a_ramp_is_capped_where_the_next_candidates_range_begins(
@@ -437,7 +440,8 @@ async def test_an_admins_share_change_makes_the_engines_snapshot_stale(
     # Between the snapshot and the write, an admin sets the share by hand.
     await versions.set_canary(db, B, 5, catalog, actor="admin:1", reason="slower", now=now + 1)
     before = await audit_count(db)
-    assert await experiment.apply_decision(db, exp, decision, catalog, now=now + 2) is None
+    assert await experiment.apply_decision(db, exp, decision, catalog, reason="test",
+                                          now=now + 2) is None
     assert await audit_count(db) == before
     (cand,) = (await versions.load(db)).candidates
     assert cand.share == pytest.approx(0.05)
@@ -462,7 +466,7 @@ async def test_dry_run_and_cli_report_without_writing(
     report = json.loads(capsys.readouterr().out)
     (row,) = report["outcomes"]
     assert (row["candidate"], row["action"], row["applied"]) == (B, "promote", False)
-    assert row["stats"] == experiment._json_safe(dry.decision.stats)
+    assert row["stats"] == dry.decision.stats_json()
     with sqlite3.connect(db.path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM audit_log").fetchone()[0] == before
 
@@ -582,7 +586,7 @@ async def test_a_crash_between_state_and_audit_leaves_one_consistent_state(
 
 _CHURN = textwrap.dedent("""
     import asyncio, sys
-    from analytics.decide import Decision, DecisionConfig
+    from analytics.decide import Action, Decision, DecisionConfig, Rule
     from bot import experiment, versions
     from bot.prompts import load_directory
     from bot.store.db import Database
@@ -597,10 +601,11 @@ _CHURN = textwrap.dedent("""
             now = 1000.0 * i
             await versions.set_canary(db, "v1-en", 50, catalog, actor="t", reason="c", now=now)
             (exp,) = await experiment.build_experiments(db, catalog, DecisionConfig(), now)
-            action = ("promote", "revert", "freeze", "ramp")[i % 4]
-            decision = Decision(action=action, reason="churn", rule="test", stats={"i": i},
+            action = (Action.PROMOTE, Action.REVERT, Action.FREEZE, Action.RAMP)[i % 4]
+            decision = Decision(action=action, rule=Rule.COLLECTING, elapsed_hours=i,
                                 new_share=0.6 if action == "ramp" else None)
-            await experiment.apply_decision(db, exp, decision, catalog, now=now + 1)
+            await experiment.apply_decision(db, exp, decision, catalog, reason="churn",
+                                            now=now + 1)
             if action == "promote":
                 await versions.rollback(db, catalog, actor="t", reason="back", now=now + 2)
             elif action == "ramp":

@@ -19,7 +19,7 @@ from bot.llm.runtime import ModelRuntime
 from bot.prompts import load_directory, load_version
 from bot.service import Service
 from bot.store.queries import NewInteraction, Store
-from bot.telegram.learning_texts import cycle_text, report_messages
+from bot.texts.learning import cycle_text, report_messages
 
 PROMPTS = Path(__file__).resolve().parents[2] / "prompts"
 POS, NEG = "正面", "负面"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from bot import texts
 from bot.service import CORRECT, WRONG, UserRateLimiter, reaction_polarity
-from bot.telegram import keyboards, texts
+from bot.telegram import keyboards
 
 
 def test_split_respects_the_limit_and_loses_nothing() -> None:

@@ -18,11 +18,11 @@ from typing import Any
 from telegram import InputFile, Message, Update
 
 from analytics import charts
-from bot import experiment, versions
+from bot import experiment, texts, versions
 from bot.learning import loop as learning
 from bot.service import Service, VersionReport
-from bot.telegram import learning_texts, texts
 from bot.telegram.state import BotContext
+from bot.texts import learning as learning_texts
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ async def experiment_lines(service: Service) -> list[str]:
         return ["", "🧪 experiment analysis failed (see the log)"]
     lines: list[str] = []
     for outcome in outcomes:
-        lines += ["", *experiment.stats_lines(outcome)]
+        lines += ["", *outcome.stats_lines()]
     return lines
 
 

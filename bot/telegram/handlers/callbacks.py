@@ -9,8 +9,9 @@ from telegram import Message, Update
 from telegram.constants import ChatType
 from telegram.error import BadRequest
 
+from bot import texts
 from bot.store.queries import Vote
-from bot.telegram import keyboards, texts
+from bot.telegram import keyboards
 from bot.telegram.state import BotContext
 
 log = logging.getLogger(__name__)

@@ -11,9 +11,10 @@ from telegram import Bot, Message, MessageEntity, ReplyParameters, Update, User
 from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest, TelegramError
 
+from bot import texts
 from bot.llm.types import InferenceError, InferenceTimeout, RuntimeBusy
 from bot.service import Classified, IncomingText, Service
-from bot.telegram import keyboards, texts
+from bot.telegram import keyboards
 from bot.telegram.state import BotContext
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from telegram import Update
 
-from bot.telegram import texts
+from bot import texts
 from bot.telegram.state import BotContext
 
 

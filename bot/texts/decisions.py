@@ -1,0 +1,206 @@
+"""The admins' texts of the decision engine: why a look decided what it did, what it will do
+next, and the message the scheduled job sends.
+
+:mod:`analytics.decide` returns the decision as data (an action, the rule that chose it and
+the numbers); everything a person reads about it is written here, from that data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from analytics.decide import (
+    Action,
+    Decision,
+    DecisionConfig,
+    DecisionStats,
+    ExperimentSnapshot,
+    Rule,
+)
+
+
+def pct(x: Any) -> str:
+    return "n/a" if x is None else f"{100 * float(x):.1f}%"
+
+
+def _e(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def reason(decision: Decision, snapshot: ExperimentSnapshot, config: DecisionConfig) -> str:
+    """One sentence: the rule that decided, with the numbers behind it."""
+    rule, s = decision.rule, decision.stats
+    if rule is Rule.RESTART:
+        return (f"{snapshot.candidate_id} changed on disk: the test restarts from zero, "
+                "because the evidence so far is about the old prompt")
+    if rule is Rule.MISSING_FILE:
+        return (f"{snapshot.candidate_id} has no prompt file here: it is not served and "
+                f"cannot be analysed; /retire {snapshot.candidate_id} ends its test")
+    if s is None:
+        return "the test has no completed hour yet"
+    return _REASONS.get(rule, _collecting)(snapshot, config, s)
+
+
+def _arms(snap: ExperimentSnapshot, s: DecisionStats) -> str:
+    return (f"{snap.active_id} {pct(s.accuracy_a)} of {s.votes_a} votes vs "
+            f"{snap.candidate_id} {pct(s.accuracy_b)} of {s.votes_b}")
+
+
+def _srm(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    return (f"sample-ratio mismatch: {pct(s.srm_observed_share)} of the new users of the two "
+            f"arms went to {snap.candidate_id}, the plan expects {pct(s.srm_expected_share)} "
+            f"(SRM e-value {s.srm_e:.3g} ≥ {s.srm_threshold:.0f}); test frozen for a person to "
+            "check routing")
+
+
+def _reactions(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    down = s.down_ratio if s.down_ratio is not None else math.nan
+    how_much = ("while the active version's replies got none" if math.isinf(down)
+                else f"{down:.2f}× the active version's")
+    return (f"👎 on {snap.candidate_id}'s replies {how_much} (e-value {s.reactions_e:.3g}); "
+            "reverting")
+
+
+def _latency(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    return (f"{snap.candidate_id} is {s.latency_ratio or math.nan:.2f}× slower than "
+            f"{snap.active_id} (limit {cfg.latency_max_ratio}×); reverting")
+
+
+def _worse(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    return (f"candidate worse: E⁻ = {_e(s.e_minus)} ≥ {s.revert_threshold:.0f}; "
+            f"{_arms(snap, s)}; reverting")
+
+
+def _better(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    return (f"candidate better: E⁺ = {_e(s.e_plus)} ≥ {s.promote_threshold:.0f}; "
+            f"{_arms(snap, s)}; promoting")
+
+
+def _horizon_mh(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    return (f"{s.elapsed_hours} h horizon: stratified MH z = {s.mh_z:.2f} ≥ "
+            f"{s.horizon_z:.2f}; {_arms(snap, s)}; promoting")
+
+
+def _horizon_worse(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    return (f"{s.elapsed_hours} h horizon: stratified MH z = {s.mh_z:.2f} ≤ "
+            f"−{s.horizon_revert_z:.2f}; {_arms(snap, s)}; reverting")
+
+
+def _horizon_retire(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    return (f"no decision after {s.elapsed_hours} h (E⁺ = {_e(s.e_plus)}, E⁻ = "
+            f"{_e(s.e_minus)}, MH z = {s.mh_z:.2f}); {_arms(snap, s)}; keeping "
+            f"{snap.active_id}, retiring {snap.candidate_id}")
+
+
+def _stale(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    return f"no votes for {cfg.stale_hours:g} h: holding until data flows again"
+
+
+def _parity(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    return (f"vote rates differ between arms ({s.vote_rate_ratio or math.nan:.2f}×, e-value "
+            f"{s.parity_e:.3g}): holding, accuracy may be biased by who votes")
+
+
+def _min_votes(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    return (f"E⁺ = {_e(s.e_plus)} clears the bar but an arm has fewer than "
+            f"{cfg.min_votes_per_arm} votes; {_arms(snap, s)}")
+
+
+def _ramp(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    return (f"smoke period passed without harm; raising {snap.candidate_id} from "
+            f"{pct(snap.planned_share)} to {pct(s.target_share)}")
+
+
+def _collecting(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    return (f"collecting: E⁺ = {_e(s.e_plus)}, E⁻ = {_e(s.e_minus)}; {_arms(snap, s)}; "
+            f"{s.hours_left:.0f} h left")
+
+
+_REASONS = {
+    Rule.SRM: _srm, Rule.REACTIONS: _reactions, Rule.LATENCY: _latency,
+    Rule.EVIDENCE_WORSE: _worse, Rule.EVIDENCE_BETTER: _better, Rule.HORIZON_MH: _horizon_mh,
+    Rule.HORIZON_WORSE: _horizon_worse, Rule.HORIZON_RETIRE: _horizon_retire,
+    Rule.STALE: _stale, Rule.PARITY: _parity, Rule.MIN_VOTES: _min_votes, Rule.RAMP: _ramp,
+}
+
+
+def next_step(decision: Decision, reason_text: str) -> str:
+    """One line for ``/stats``: what the engine does now or needs before it acts."""
+    s = decision.stats
+    if decision.restart:
+        return "test restarts (the candidate's file changed)"
+    if decision.action is not Action.HOLD:
+        return f"{decision.action}: {reason_text}"
+    if decision.rule is Rule.COLLECTING and s is not None:
+        need_up = s.promote_threshold / max(s.e_plus, 1e-300)
+        need_down = s.revert_threshold / max(s.e_minus, 1e-300)
+        return (f"holding: promotion needs {need_up:.3g}× more evidence, revert "
+                f"{need_down:.3g}×; at most {s.hours_left:.0f} h until the horizon")
+    return f"holding: {reason_text}"
+
+
+def arm_lines(snapshot: ExperimentSnapshot, decision: Decision) -> list[str]:
+    """Per arm: capped votes, accuracy with its 95% interval; then E⁺/E⁻ and their bars."""
+    s = decision.stats
+    if s is None:
+        return []
+    lines = []
+    for vid, votes, correct, accuracy, (low, high) in (
+            (snapshot.active_id, s.votes_a, s.correct_a, s.accuracy_a, s.interval_a),
+            (snapshot.candidate_id, s.votes_b, s.correct_b, s.accuracy_b, s.interval_b)):
+        interval = "" if accuracy is None else f" (95% CI {pct(low)}–{pct(high)})"
+        lines.append(f"{vid}: {votes} votes, {correct} correct, "
+                     f"accuracy {pct(accuracy)}{interval}")
+    lines.append(f"evidence for the candidate E⁺ = {s.e_plus:.3g} (promote at "
+                 f"{s.promote_threshold:.0f}), against E⁻ = {s.e_minus:.3g} (revert at "
+                 f"{s.revert_threshold:.0f}); {s.elapsed_hours} h of "
+                 f"{s.elapsed_hours + s.hours_left:.0f}, share {pct(s.planned_share)}")
+    return lines
+
+
+def stats_lines(candidate_id: str, active_id: str, snapshot: ExperimentSnapshot | None,
+                decision: Decision, reason_text: str) -> list[str]:
+    """The ``/stats`` block of one running experiment: arms, evidence, the next step."""
+    head = f"🧪 {candidate_id} vs {active_id}"
+    if snapshot is not None:
+        head += (f" · share {pct(snapshot.planned_share)} · "
+                 f"{max(0, snapshot.now_hour - snapshot.start_hour)} h")
+    body = arm_lines(snapshot, decision) if snapshot is not None else []
+    return [head, *body, f"next: {next_step(decision, reason_text)}"]
+
+
+def admin_message(snapshot: ExperimentSnapshot, decision: Decision, reason_text: str, *,
+                  applied: bool, dry_run: bool = False, error: str | None = None,
+                  skipped: str | None = None) -> str:
+    """What the admins are told about one look: the action, why, what changed, the arms."""
+    head = f"🤖 {snapshot.candidate_id} vs {snapshot.active_id}: {decision.action.upper()}"
+    if decision.restart:
+        head += " (test restarts)"
+    if error is not None:
+        head += f" — NOT applied: {error}"
+    elif skipped is not None:
+        head += f" — not applied here: {skipped}"
+    elif dry_run and (decision.action is not Action.HOLD or decision.restart):
+        head += " (dry run: not applied)"
+    elif not applied and decision.action is not Action.HOLD:
+        head += " — not applied: the experiment changed meanwhile"
+    done = [effect(snapshot, decision)] if applied and error is None else []
+    return "\n".join([head, reason_text, *done, *arm_lines(snapshot, decision)])
+
+
+def effect(snapshot: ExperimentSnapshot, decision: Decision) -> str:
+    """What the applied decision changed, in the admin's terms."""
+    a, b = snapshot.active_id, snapshot.candidate_id
+    if decision.restart:
+        return f"→ the test of {b} starts again from zero with the new file"
+    if decision.action is Action.PROMOTE:
+        return f"→ {b} now serves everyone; {a} is retired (/rollback brings it back)"
+    if decision.action in (Action.REVERT, Action.RETIRE):
+        return f"→ {b} is no longer served; {a} keeps serving everyone"
+    if decision.action is Action.FREEZE:
+        return (f"→ {b} is taken off (share 0) until a person has checked routing; "
+                f"/canary {b} <percent> starts a fresh test")
+    if decision.action is Action.RAMP and decision.new_share is not None:
+        return f"→ {b} now serves {pct(decision.new_share)} of users (its users so far stay)"
+    return "→ no change"
