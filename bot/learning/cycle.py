@@ -40,6 +40,13 @@ from bot.learning.offline_eval import split_holdout
 from bot.prompts import PromptError, PromptVersion
 
 LoopMode = Literal["automatic", "suggest", "off"]
+# What a cycle planned before the offline check.
+PlanAction = Literal["idle", "failed", "no_candidate", "generate"]
+# A checked candidate's fate.
+CheckedStatus = Literal["refused", "canary", "proposed"]
+# How a whole cycle ended (what the admins are told).
+CycleOutcome = Literal["off", "idle", "no_candidate", "refused", "proposed", "canary", "failed",
+                       "generate"]
 
 
 @dataclass
@@ -109,8 +116,7 @@ class Analysis:
 
 @dataclass(frozen=True)
 class CyclePlan:
-    # idle | failed | no_candidate | generate
-    action: str
+    action: PlanAction
     reason: str
     trigger: Trigger
     errors: VersionErrors | None = None
@@ -253,7 +259,7 @@ def plan_cycle(analysis: Analysis, state: LoopState, config: LoopConfig, *, now:
                      train_errors)
 
 
-def status_after_check(passed: bool, mode: str) -> str:
+def status_after_check(passed: bool, mode: LoopMode) -> CheckedStatus:
     """A checked candidate's fate: refused, canary (``automatic``) or proposed (waits for
     /approve)."""
     if not passed:
@@ -262,8 +268,27 @@ def status_after_check(passed: bool, mode: str) -> str:
 
 
 __all__ = [
-    "HOLDOUT_FRACTION", "PROPOSAL_TTL_S", "VOTE_WINDOW_S", "Analysis", "CyclePlan", "LoopState",
-    "PastProposal", "Trigger", "analyse", "blocking_reason", "check_trigger", "evidence_needed",
-    "fresh_judgements", "open_proposals", "plan_cycle", "recent_votes", "status_after_check",
+    "HOLDOUT_FRACTION",
+    "PROPOSAL_TTL_S",
+    "VOTE_WINDOW_S",
+    "Analysis",
+    "CheckedStatus",
+    "CycleOutcome",
+    "CyclePlan",
+    "LoopConfig",
+    "LoopMode",
+    "LoopState",
+    "PastProposal",
+    "PlanAction",
+    "Trigger",
+    "analyse",
+    "blocking_reason",
+    "check_trigger",
+    "evidence_needed",
+    "fresh_judgements",
+    "open_proposals",
+    "plan_cycle",
+    "recent_votes",
+    "status_after_check",
     "window_start",
 ]

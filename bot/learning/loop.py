@@ -200,8 +200,7 @@ class LearningState:
 
 @dataclass(frozen=True)
 class CycleResult:
-    # off | idle | no_candidate | refused | proposed | canary | failed
-    action: str
+    action: loop_cycle.CycleOutcome
     message: str
     candidate_id: str | None = None
     check: OfflineResult | None = None
