@@ -12,10 +12,14 @@ import asyncio
 import json
 import sys
 import time
-from typing import TextIO
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TextIO
 
 from bot.config import Settings, load_settings, prompts_directory
-from bot.llm.types import InferenceError
+from bot.llm.types import InferenceError, Reply, Verdict
+
+if TYPE_CHECKING:
+    from bot.service import Classified, Service
 
 # Console conversations are stored under this chat; ids far from real Telegram chat ids.
 CONSOLE_CHAT_ID = -1
@@ -31,7 +35,7 @@ async def run_console(settings: Settings, *, stdin: TextIO, stdout: TextIO, user
     from bot.llm.model_path import resolve_model
     from bot.llm.runtime import ModelRuntime
     from bot.prompts import load_directory
-    from bot.service import IncomingText, Service
+    from bot.service import Service
     from bot.store.queries import Store
 
     model = resolve_model(settings)
@@ -47,13 +51,38 @@ async def run_console(settings: Settings, *, stdin: TextIO, stdout: TextIO, user
         if interactive:
             print(f"loopbot console — model {model.name}. Type a message; y/n marks the last "
                   "verdict right/wrong; Ctrl-D quits.", file=stdout)
-        last_id: int | None = None
-        # Message ids must be unique within the chat across runs: base them on the clock.
-        next_message_id = int(time.time() * 1000)
+        session = _Session(
+            service=service, stdout=stdout, user_id=user_id, as_json=as_json,
+            interactive=interactive, with_reply=with_reply,
+            # Message ids must be unique within the chat across runs: base them on the clock.
+            next_message_id=int(time.time() * 1000))
+        await session.converse(stdin)
+    finally:
+        await runtime.close()
+        await store.close()
+    return 0
+
+
+@dataclass
+class _Session:
+    """One console run: the service, how to show results, and the ids handed out so far."""
+
+    service: Service
+    stdout: TextIO
+    user_id: int
+    as_json: bool
+    interactive: bool
+    with_reply: bool
+    next_message_id: int
+    # The interaction the next y/n votes on.
+    last_id: int | None = None
+
+    async def converse(self, stdin: TextIO) -> None:
+        """Line by line until end of input: a vote word votes, any other text is a message."""
         while True:
-            if interactive:
-                stdout.write("> ")
-                stdout.flush()
+            if self.interactive:
+                self.stdout.write("> ")
+                self.stdout.flush()
             line = await asyncio.to_thread(stdin.readline)
             if not line:
                 break
@@ -61,57 +90,68 @@ async def run_console(settings: Settings, *, stdin: TextIO, stdout: TextIO, user
             if not text.strip():
                 continue
             if text.strip().lower() in VOTE_WORDS:
-                if last_id is None:
-                    print(json.dumps({"error": "nothing to vote on yet"}) if as_json
-                          else "(nothing to vote on yet)", file=stdout)
-                    continue
-                choice = VOTE_WORDS[text.strip().lower()]
-                outcome = await service.record_vote(last_id, user_id, choice,
-                                                    chat_id=CONSOLE_CHAT_ID,
-                                                    message_id=-next_message_id)
-                vote = {"vote": choice, "interaction": last_id, "stored": outcome.ok}
-                status = "stored" if outcome.ok else f"refused: {outcome.reason}"
-                shown = f"vote: {choice} ({status})"
-                print(json.dumps(vote) if as_json else shown, file=stdout)
+                await self.vote(VOTE_WORDS[text.strip().lower()])
                 continue
-            next_message_id += 1
-            try:
-                classified = await service.classify(IncomingText(
-                    chat_id=CONSOLE_CHAT_ID, user_id=user_id, message_id=next_message_id,
-                    text=text, chat_type="console"))
-                reply = await service.reply(classified.interaction) if with_reply else None
-            except InferenceError as exc:
-                print(json.dumps({"error": str(exc)}) if as_json else f"error: {exc}",
-                      file=stdout)
-                continue
-            verdict = classified.verdict
-            assert verdict is not None
-            last_id = classified.interaction.id
-            # The "message" showing the verdict, as the bot notes its verdict message.
-            await service.note_messages(last_id, CONSOLE_CHAT_ID, "verdict", [-next_message_id])
-            label = classified.version.label(verdict.label)
-            if as_json:
-                print(json.dumps({
-                    "interaction": last_id, "version": classified.version.id,
-                    "verdict": verdict.label, "probability": round(verdict.confidence, 4),
-                    "probabilities": {k: round(v, 4) for k, v in verdict.probabilities.items()},
-                    "verdict_ms": round(verdict.latency_ms, 1),
-                    "reply": reply.text if reply else None,
-                }, ensure_ascii=False), file=stdout)
-            elif interactive:
-                print(f"{label.emoji} {label.display} · {verdict.confidence:.0%}  "
-                      f"[{classified.version.id}, {verdict.latency_ms:.0f} ms]", file=stdout)
-                if reply is not None:
-                    print(reply.text or "(empty reply)", file=stdout)
-            else:
-                shown = f"{verdict.label} {verdict.confidence:.2f}"
-                tail = f" | {_one_line(reply.text)}" if reply is not None else ""
-                print(f"{shown}{tail}", file=stdout)
-            stdout.flush()
-    finally:
-        await runtime.close()
-        await store.close()
-    return 0
+            await self.message(text)
+
+    async def vote(self, choice: str) -> None:
+        """``choice`` on the last verdict, stored as a click on its button would be."""
+        if self.last_id is None:
+            print(json.dumps({"error": "nothing to vote on yet"}) if self.as_json
+                  else "(nothing to vote on yet)", file=self.stdout)
+            return
+        outcome = await self.service.record_vote(self.last_id, self.user_id, choice,
+                                                 chat_id=CONSOLE_CHAT_ID,
+                                                 message_id=-self.next_message_id)
+        vote = {"vote": choice, "interaction": self.last_id, "stored": outcome.ok}
+        status = "stored" if outcome.ok else f"refused: {outcome.reason}"
+        shown = f"vote: {choice} ({status})"
+        print(json.dumps(vote) if self.as_json else shown, file=self.stdout)
+
+    async def message(self, text: str) -> None:
+        """The verdict (and the reply) for ``text``, stored and shown as the bot does."""
+        from bot.service import IncomingText
+
+        self.next_message_id += 1
+        try:
+            classified = await self.service.classify(IncomingText(
+                chat_id=CONSOLE_CHAT_ID, user_id=self.user_id, message_id=self.next_message_id,
+                text=text, chat_type="console"))
+            reply = (await self.service.reply(classified.interaction) if self.with_reply
+                     else None)
+        except InferenceError as exc:
+            print(json.dumps({"error": str(exc)}) if self.as_json else f"error: {exc}",
+                  file=self.stdout)
+            return
+        verdict = classified.verdict
+        assert verdict is not None
+        self.last_id = classified.interaction.id
+        # The "message" showing the verdict, as the bot notes its verdict message.
+        await self.service.note_messages(self.last_id, CONSOLE_CHAT_ID, "verdict",
+                                         [-self.next_message_id])
+        self.show(classified, verdict, reply)
+        self.stdout.flush()
+
+    def show(self, classified: Classified, verdict: Verdict, reply: Reply | None) -> None:
+        """A JSON object, the chat-like lines of a terminal, or one line for a script."""
+        label = classified.version.label(verdict.label)
+        if self.as_json:
+            print(json.dumps({
+                "interaction": self.last_id, "version": classified.version.id,
+                "verdict": verdict.label, "probability": round(verdict.confidence, 4),
+                "probabilities": {k: round(v, 4) for k, v in verdict.probabilities.items()},
+                "verdict_ms": round(verdict.latency_ms, 1),
+                "reply": reply.text if reply else None,
+            }, ensure_ascii=False), file=self.stdout)
+        elif self.interactive:
+            print(f"{label.emoji} {label.display} · {verdict.confidence:.0%}  "
+                  f"[{classified.version.id}, {verdict.latency_ms:.0f} ms]", file=self.stdout)
+            if reply is not None:
+                print(reply.text or "(empty reply)", file=self.stdout)
+        else:
+            shown = f"{verdict.label} {verdict.confidence:.2f}"
+            tail = f" | {_one_line(reply.text)}" if reply is not None else ""
+            print(f"{shown}{tail}", file=self.stdout)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -159,6 +159,9 @@ def _select(pool: list[tuple[str, str, float]], label_quota: Mapping[str, int],
     return chosen
 
 
+_Scored = tuple[str, str, float]  # (text, label, selection score)
+
+
 def generate_candidate(
     parent: PromptVersion,
     labelled: Sequence[LabelledText],
@@ -173,14 +176,40 @@ def generate_candidate(
     cfg = config or CandidateConfig()
     labels = parent.label_names
     weights = _pattern_weights(errors)
-    parent_mistakes: set[str] = set()
+    parent_mistakes = _parent_mistakes(parent, labelled)
+    parent_grams = [ngrams(ex.text) for ex in parent.examples]
+    pool, coverage_pool = _scored_pools(labelled, labels, weights, parent_mistakes, cfg)
+    new = _new_examples(pool, coverage_pool, labels, parent_grams, cfg)
+    kept_in_order = _kept_examples(parent, labelled, labels, max(0, cfg.max_examples - len(new)))
+    examples = (*kept_in_order, *_interleave(new, labels))
+
+    vid = new_id or next_id(parent.id, existing_ids)
+    reason = _reason(parent, errors, new, kept_in_order)
+    data = dataclasses.replace(parent, id=vid, parent=parent.id,
+                               description=f"candidate from {parent.id}: few-shot examples "
+                               "chosen from credible user corrections",
+                               examples=examples, reason=reason, path="").to_dict()
+    # Round-trip through the validator: a candidate is only ever a valid version file.
+    version = parse_version(data, f"<candidate {vid}>")
+    return Candidate(version, tuple(new), tuple(kept_in_order), reason)
+
+
+def _parent_mistakes(parent: PromptVersion, labelled: Sequence[LabelledText]) -> set[str]:
+    """Normalised texts the parent itself got wrong."""
+    mistakes: set[str] = set()
     for item in labelled:
         if item.mistakes_of(parent.id):
-            parent_mistakes.add(normalize(item.text))
+            mistakes.add(normalize(item.text))
+    return mistakes
 
-    parent_grams = [ngrams(ex.text) for ex in parent.examples]
-    pool: list[tuple[str, str, float]] = []
-    coverage_pool: list[tuple[str, str, float]] = []
+
+def _scored_pools(labelled: Sequence[LabelledText], labels: Sequence[str],
+                  weights: Mapping[str, float], parent_mistakes: set[str],
+                  cfg: CandidateConfig) -> tuple[list[_Scored], list[_Scored]]:
+    """The usable credible texts, sanitised and deduplicated, scored twice: with the error
+    focus (pattern frequency, parent mistakes) and without it (for coverage picks)."""
+    pool: list[_Scored] = []
+    coverage_pool: list[_Scored] = []
     seen: set[str] = set()
     for item in labelled:
         if item.label not in labels or item.confidence < cfg.min_confidence:
@@ -201,7 +230,13 @@ def generate_candidate(
             focus += cfg.mistake_weight
         pool.append((text, item.label, base + focus))
         coverage_pool.append((text, item.label, base))
+    return pool, coverage_pool
 
+
+def _new_examples(pool: list[_Scored], coverage_pool: list[_Scored], labels: Sequence[str],
+                  parent_grams: list[frozenset[str]], cfg: CandidateConfig) -> list[Example]:
+    """The new examples: per label, ``focus_share`` of them for the error patterns, the rest
+    covering typical texts; none a near-duplicate of another or of a parent example."""
     per_label = max(1, cfg.new_examples // len(labels))
     available = Counter(label for _, label, _ in pool)
     short = [lb for lb in labels if available[lb] == 0]
@@ -220,11 +255,15 @@ def generate_candidate(
         new += _select(spread, rest, parent_grams + [ngrams(ex.text) for ex in new], cfg)
     if not new:
         raise CandidateError("no new example survived deduplication")
+    return new
 
+
+def _kept_examples(parent: PromptVersion, labelled: Sequence[LabelledText],
+                   labels: Sequence[str], room: int) -> list[Example]:
+    """Parent examples for the ``room`` slots left, in the parent's order."""
     # Keep parent examples (balanced, newest last) in the remaining slots; a parent example
     # whose text now has a different credible label is dropped.
     contradicted = {normalize(item.text): item.label for item in labelled}
-    room = max(0, cfg.max_examples - len(new))
     kept_by_label: dict[str, list[Example]] = {lb: [] for lb in labels}
     for ex in parent.examples:
         if contradicted.get(normalize(ex.text), ex.label) == ex.label and ex.label in labels:
@@ -236,29 +275,24 @@ def generate_candidate(
         for lb in labels:
             if queues[lb] and len(kept) < room:
                 kept.append(queues[lb].pop(0))
-    kept_in_order = [ex for ex in parent.examples if ex in kept]
-    examples = (*kept_in_order, *_interleave(new, labels))
+    return [ex for ex in parent.examples if ex in kept]
 
-    vid = new_id or next_id(parent.id, existing_ids)
+
+def _reason(parent: PromptVersion, errors: VersionErrors | None, new: Sequence[Example],
+            kept: Sequence[Example]) -> str:
+    """The candidate's ``reason``: the evidence it was mined from and what changed."""
     top = [p for p in (errors.patterns if errors else ()) if p.name != "other"][:3]
     counts = Counter(ex.label for ex in new)
-    reason = (
+    return (
         f"mined from {errors.mistakes if errors else 0} credible corrections of {parent.id}"
         + (f" (error rate {100 * errors.error_rate:.1f}% over {errors.judged} credibly judged "
            "verdicts)" if errors else "")
         + (f"; top error patterns: {', '.join(f'{p.name} {p.count}' for p in top)}" if top
            else "")
         + f"; {len(new)} new examples ("
-        + ", ".join(f"{counts[lb]} {lb}" for lb in labels)
-        + f"), {len(kept_in_order)} kept from {parent.id}"
+        + ", ".join(f"{counts[lb]} {lb}" for lb in parent.label_names)
+        + f"), {len(kept)} kept from {parent.id}"
     )
-    data = dataclasses.replace(parent, id=vid, parent=parent.id,
-                               description=f"candidate from {parent.id}: few-shot examples "
-                               "chosen from credible user corrections",
-                               examples=examples, reason=reason, path="").to_dict()
-    # Round-trip through the validator: a candidate is only ever a valid version file.
-    version = parse_version(data, f"<candidate {vid}>")
-    return Candidate(version, tuple(new), tuple(kept_in_order), reason)
 
 
 def _hash01(text: str) -> float:

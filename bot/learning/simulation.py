@@ -47,14 +47,15 @@ import random
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from analytics.credibility import CredibilityConfig, VoteRecord, build_credible_set
-from analytics.decide import DecisionConfig, ExperimentSnapshot, HourStats, decide
+from analytics.decide import Decision, DecisionConfig, ExperimentSnapshot, HourStats, decide
 from analytics.stats import design_effect
 from bot import routing
 from bot.learning.candidates import CandidateConfig
@@ -72,11 +73,12 @@ from bot.learning.cycle import (
 from bot.learning.offline_eval import HasLabel, evaluate_offline
 from bot.learning.standin import StandInClassifier
 from bot.prompts import PromptVersion, load_version
+from bot.texts import decisions as decision_texts
 
 POSITIVE, NEGATIVE = "正面", "负面"
 SALT = "loop-simulation"
 START_VERSION = "v1-zh"
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
 STANDIN_NAME = ("stand-in: ridge-to-prior logistic regression over lexicon cues fitted to the "
                 "version's few-shot examples + k-NN memory of the examples (bot.learning.standin)")
 
@@ -253,6 +255,53 @@ async def _simulate(
             await runtime.close()
 
 
+@dataclass(frozen=True)
+class _Population:
+    """The simulated users, how much each one writes, and who votes against the truth."""
+
+    users: list[SimUser]
+    by_id: dict[int, SimUser]
+    weights: npt.NDArray[np.float64]
+    adversaries: set[int]
+
+
+@dataclass(frozen=True)
+class _Traffic:
+    """What users send every hour and how often they vote on the verdict."""
+
+    popular: list[tuple[str, str]]
+    rest: list[tuple[str, str]]
+    popular_share: float
+    messages_per_hour: float
+    vote_probability: float
+    honest_noise: float
+
+
+@dataclass
+class _RunState:
+    """What a run changes hour by hour (what the bot keeps in its database), and its tallies."""
+
+    active: PromptVersion
+    known: dict[str, PromptVersion]
+    true_acc: dict[str, float]
+    accuracy_start: float
+    timeline: list[dict[str, Any]]
+    votes: list[VoteRecord] = field(default_factory=list)
+    voters_of_text: defaultdict[str, set[int]] = field(
+        default_factory=lambda: defaultdict(set))
+    experiment: _Experiment | None = None
+    proposals: list[_Proposal] = field(default_factory=list)
+    last_cycle: dict[str, Any] | None = None
+    weekly: list[dict[str, Any]] = field(default_factory=list)
+    interaction_id: int = 0
+    promotions: int = 0
+    worse_promotions: int = 0
+    outcome_counts: Counter[str] = field(default_factory=Counter)
+    examples_added: int = 0
+    label_errors_in_prompts: int = 0
+    adversary_only_in_prompts: int = 0
+
+
 async def _run(
     *, rng: random.Random, nprng: np.random.Generator, classifier: Any, classifier_name: str,
     held_truth: list[tuple[str, str]], popular: list[tuple[str, str]],
@@ -262,155 +311,218 @@ async def _run(
     popular_share: float, loop: LoopConfig, decision: DecisionConfig,
     cand_cfg: CandidateConfig, cred_cfg: CredibilityConfig, vote_window_days: float,
 ) -> dict[str, Any]:
-    sim_users = _make_users(rng, n_users, adversarial_share)
-    user_by_id = {u.user_id: u for u in sim_users}
-    weights = np.array([u.activity for u in sim_users])
-    weights /= weights.sum()
-    adversaries = {u.user_id for u in sim_users if u.kind == "adversarial"}
-
-    active = load_version(PROMPTS_DIR / f"{START_VERSION}.yaml")
-    known: dict[str, PromptVersion] = {active.id: active}
-    true_acc: dict[str, float] = {active.id: await _true_accuracy(classifier, active,
-                                                                  held_truth)}
-    accuracy_start = true_acc[active.id]
-    timeline: list[dict[str, Any]] = [{"hour": 0, "event": "start", "version": active.id,
-                                       "true_accuracy": round(accuracy_start, 4)}]
-    votes: list[VoteRecord] = []
-    voters_of_text: dict[str, set[int]] = defaultdict(set)
-    experiment: _Experiment | None = None
-    promotions = worse_promotions = 0
-    outcome_counts: Counter[str] = Counter()
-    label_errors_in_prompts = adversary_only_in_prompts = examples_added = 0
-    interaction_id = 0
-    weekly: list[dict[str, Any]] = []
+    people = _population(rng, n_users, adversarial_share)
+    state = await _start_state(classifier, held_truth)
+    traffic = _Traffic(popular=popular, rest=rest, popular_share=popular_share,
+                       messages_per_hour=messages_per_hour,
+                       vote_probability=vote_probability, honest_noise=honest_noise)
     hours = weeks * 168
-    last_cycle: dict[str, Any] | None = None
-    proposals: list[_Proposal] = []
     window_s = vote_window_days * 86400.0
 
     for hour in range(hours):
         if hour % 24 == 0 and hour > 0:
-            started, last_cycle = await _cycle(
-                hour=hour, votes=votes, active=active, experiment=experiment,
-                proposals=proposals, known=known, classifier=classifier, loop=loop,
-                decision=decision, cand_cfg=cand_cfg, cred_cfg=cred_cfg, seed=seed,
-                timeline=timeline, window_s=window_s, held_truth=held_truth,
-                true_acc=true_acc,
+            started, state.last_cycle = await _cycle(
+                hour=hour, votes=state.votes, active=state.active,
+                experiment=state.experiment, proposals=state.proposals, known=state.known,
+                classifier=classifier, loop=loop, decision=decision, cand_cfg=cand_cfg,
+                cred_cfg=cred_cfg, seed=seed, timeline=state.timeline, window_s=window_s,
+                held_truth=held_truth, true_acc=state.true_acc,
             )
             if started is not None:
-                experiment = started
-                for ex in experiment.candidate.examples:
-                    if ex in active.examples:
-                        continue
-                    examples_added += 1
-                    truth = _truth_for(ex.text, truth_of)
-                    label_errors_in_prompts += truth is not None and truth != ex.label
-                    voters = _voters_for(ex.text, voters_of_text)
-                    adversary_only_in_prompts += bool(voters) and voters <= adversaries
-        slices = ([routing.Slice(experiment.candidate.id, experiment.range_start,
-                                 experiment.share)] if experiment else [])
-        hs = _HourAcc()
-        n_messages = int(nprng.poisson(messages_per_hour))
-        senders = nprng.choice(len(sim_users), size=n_messages, p=weights)
-        for sender in senders:
-            user = sim_users[int(sender)]
-            source = popular if rng.random() < popular_share else rest
-            text, truth = source[int(nprng.integers(len(source)))]
-            assignment = routing.assign(user.user_id, SALT, active.id, slices)
-            version = known[assignment.version_id]
-            verdict = (await classifier.classify(version, text)).label
-            arm = "b" if assignment.arm == routing.CANDIDATE else "a"
-            first_time = experiment is not None and user.user_id not in experiment.seen_users
-            if experiment is not None:
-                experiment.seen_users.add(user.user_id)
-            hs.served(arm, first_time)
-            if rng.random() >= vote_probability:
-                continue
-            interaction_id += 1
-            at = hour * 3600.0 + rng.uniform(0, 3000)
-            correct, said, delay = _vote(user, truth, verdict, rng, honest_noise)
-            votes.append(VoteRecord(
-                interaction_id=interaction_id, voter_id=user.user_id, version_id=version.id,
-                labels=version.label_names, verdict=verdict, correct=correct,
-                correct_label=None if correct else said, verdict_at=at, voted_at=at + delay,
-                text=text,
-            ))
-            voters_of_text[text].add(user.user_id)
-            if experiment is not None:
-                day = hour // 24
-                if experiment.day_counts[(user.user_id, day)] < decision.max_votes_per_user_day:
-                    experiment.day_counts[(user.user_id, day)] += 1
-                    hs.vote(arm, correct)
-                    counts = experiment.user_counts.setdefault((arm, user.user_id), [0, 0])
-                    counts[0] += 1
-                    counts[1] += correct
-        if experiment is not None:
-            experiment.strata[hour] = hs.stats(hour, experiment.share)
-            outcome = _decide_hour(experiment, hour, active, decision)
-            if outcome.action == "ramp" and outcome.new_share is not None:
-                experiment.share = outcome.new_share
-                timeline.append({"hour": hour + 1, "event": "ramp",
-                                 "version": experiment.candidate.id,
-                                 "share": round(outcome.new_share, 3)})
-            elif outcome.action in ("promote", "revert", "retire", "freeze"):
-                cand = experiment.candidate
-                event: dict[str, Any] = {
-                    "hour": hour + 1, "event": outcome.action, "version": cand.id,
-                    "replaced" if outcome.action == "promote" else "active": active.id,
-                    "true_accuracy_candidate": round(true_acc[cand.id], 4),
-                    "true_accuracy_active": round(true_acc[active.id], 4),
-                    "votes_a": outcome.stats.get("votes_a"),
-                    "votes_b": outcome.stats.get("votes_b"),
-                    "reason": outcome.reason,
-                }
-                outcome_counts[outcome.action] += 1
-                if outcome.action == "promote":
-                    promotions += 1
-                    if true_acc[cand.id] < true_acc[active.id]:
-                        worse_promotions += 1
-                        event["worse"] = True
-                    active = cand
-                timeline.append(event)
-                experiment = None
+                _start_experiment(state, started, truth_of, people.adversaries)
+        hs = await _serve_hour(state, hour, people=people, traffic=traffic,
+                               classifier=classifier, rng=rng, nprng=nprng, decision=decision)
+        if state.experiment is not None:
+            _close_hour(state, state.experiment, hour, hs, decision)
         if (hour + 1) % 168 == 0:
-            weekly.append({"week": (hour + 1) // 168, "active": active.id,
-                           "true_accuracy": round(true_acc[active.id], 4),
-                           "votes": len(votes)})
+            state.weekly.append({"week": (hour + 1) // 168, "active": state.active.id,
+                                 "true_accuracy": round(state.true_acc[state.active.id], 4),
+                                 "votes": len(state.votes)})
 
-    final = build_credible_set(recent_votes(votes, hours * 3600.0, window_s), cred_cfg)
+    credibility = _credibility_report(state.votes, hours * 3600.0, window_s, cred_cfg,
+                                      people.by_id, truth_of)
+    return _report(state, seed=seed, weeks=weeks, classifier_name=classifier_name,
+                   n_users=n_users, adversarial_share=adversarial_share,
+                   credibility=credibility)
+
+
+def _population(rng: random.Random, n_users: int, adversarial_share: float) -> _Population:
+    users = _make_users(rng, n_users, adversarial_share)
+    by_id = {u.user_id: u for u in users}
+    weights = np.array([u.activity for u in users])
+    weights /= weights.sum()
+    adversaries = {u.user_id for u in users if u.kind == "adversarial"}
+    return _Population(users=users, by_id=by_id, weights=weights, adversaries=adversaries)
+
+
+async def _start_state(classifier: Any, held_truth: list[tuple[str, str]]) -> _RunState:
+    """The run at hour 0: the start version active, its true accuracy measured."""
+    active = load_version(PROMPTS_DIR / f"{START_VERSION}.yaml")
+    accuracy = await _true_accuracy(classifier, active, held_truth)
+    return _RunState(
+        active=active, known={active.id: active}, true_acc={active.id: accuracy},
+        accuracy_start=accuracy,
+        timeline=[{"hour": 0, "event": "start", "version": active.id,
+                   "true_accuracy": round(accuracy, 4)}],
+    )
+
+
+def _start_experiment(state: _RunState, experiment: _Experiment, truth_of: dict[str, str],
+                      adversaries: set[int]) -> None:
+    """Put the cycle's canary in the test, and audit the examples it adds to the prompt."""
+    state.experiment = experiment
+    for ex in experiment.candidate.examples:
+        if ex in state.active.examples:
+            continue
+        state.examples_added += 1
+        truth = _truth_for(ex.text, truth_of)
+        state.label_errors_in_prompts += truth is not None and truth != ex.label
+        voters = _voters_for(ex.text, state.voters_of_text)
+        state.adversary_only_in_prompts += bool(voters) and voters <= adversaries
+
+
+async def _serve_hour(state: _RunState, hour: int, *, people: _Population, traffic: _Traffic,
+                      classifier: Any, rng: random.Random, nprng: np.random.Generator,
+                      decision: DecisionConfig) -> _HourAcc:
+    """One hour of messages: routed, classified, and some of the verdicts voted on."""
+    exp = state.experiment
+    slices = ([routing.Slice(exp.candidate.id, exp.range_start, exp.share)] if exp else [])
+    hs = _HourAcc()
+    n_messages = int(nprng.poisson(traffic.messages_per_hour))
+    senders = nprng.choice(len(people.users), size=n_messages, p=people.weights)
+    for sender in senders:
+        user = people.users[int(sender)]
+        source = traffic.popular if rng.random() < traffic.popular_share else traffic.rest
+        text, truth = source[int(nprng.integers(len(source)))]
+        assignment = routing.assign(user.user_id, SALT, state.active.id, slices)
+        version = state.known[assignment.version_id]
+        verdict = (await classifier.classify(version, text)).label
+        arm = "b" if assignment.arm == routing.CANDIDATE else "a"
+        first_time = exp is not None and user.user_id not in exp.seen_users
+        if exp is not None:
+            exp.seen_users.add(user.user_id)
+        hs.served(arm, first_time)
+        if rng.random() >= traffic.vote_probability:
+            continue
+        correct = _cast_vote(state, hour=hour, user=user, text=text, truth=truth,
+                             version=version, verdict=verdict, rng=rng,
+                             noise=traffic.honest_noise)
+        if exp is not None:
+            _count_test_vote(exp, hs, hour=hour, user_id=user.user_id, arm=arm,
+                             correct=correct, cap=decision.max_votes_per_user_day)
+    return hs
+
+
+def _cast_vote(state: _RunState, *, hour: int, user: SimUser, text: str, truth: str,
+               version: PromptVersion, verdict: str, rng: random.Random, noise: float) -> bool:
+    """A vote on ``verdict``, stored as the bot stores a button click; whether it said right."""
+    state.interaction_id += 1
+    at = hour * 3600.0 + rng.uniform(0, 3000)
+    correct, said, delay = _vote(user, truth, verdict, rng, noise)
+    state.votes.append(VoteRecord(
+        interaction_id=state.interaction_id, voter_id=user.user_id, version_id=version.id,
+        labels=version.label_names, verdict=verdict, correct=correct,
+        correct_label=None if correct else said, verdict_at=at, voted_at=at + delay,
+        text=text,
+    ))
+    state.voters_of_text[text].add(user.user_id)
+    return correct
+
+
+def _count_test_vote(exp: _Experiment, hs: _HourAcc, *, hour: int, user_id: int, arm: str,
+                     correct: bool, cap: int) -> None:
+    """Count a vote in the test, as the decision engine does: at most ``cap`` a user a day."""
+    day = hour // 24
+    if exp.day_counts[(user_id, day)] < cap:
+        exp.day_counts[(user_id, day)] += 1
+        hs.vote(arm, correct)
+        counts = exp.user_counts.setdefault((arm, user_id), [0, 0])
+        counts[0] += 1
+        counts[1] += correct
+
+
+def _close_hour(state: _RunState, exp: _Experiment, hour: int, hs: _HourAcc,
+                decision: DecisionConfig) -> None:
+    """The decision engine's hourly call: ramp the canary up, or end the experiment."""
+    exp.strata[hour] = hs.stats(hour, exp.share)
+    outcome, reason = _decide_hour(exp, hour, state.active, decision)
+    if outcome.action == "ramp" and outcome.new_share is not None:
+        exp.share = outcome.new_share
+        state.timeline.append({"hour": hour + 1, "event": "ramp", "version": exp.candidate.id,
+                               "share": round(outcome.new_share, 3)})
+    elif outcome.action in ("promote", "revert", "retire", "freeze"):
+        _end_experiment(state, exp.candidate, hour, outcome, reason)
+
+
+def _end_experiment(state: _RunState, cand: PromptVersion, hour: int, outcome: Decision,
+                    reason: str) -> None:
+    """Promote, revert, retire or freeze the canary; a promotion makes it the active one."""
+    active = state.active
+    event: dict[str, Any] = {
+        "hour": hour + 1, "event": outcome.action, "version": cand.id,
+        "replaced" if outcome.action == "promote" else "active": active.id,
+        "true_accuracy_candidate": round(state.true_acc[cand.id], 4),
+        "true_accuracy_active": round(state.true_acc[active.id], 4),
+        "votes_a": outcome.stats.votes_a if outcome.stats else None,
+        "votes_b": outcome.stats.votes_b if outcome.stats else None,
+        "reason": reason,
+    }
+    state.outcome_counts[outcome.action] += 1
+    if outcome.action == "promote":
+        state.promotions += 1
+        if state.true_acc[cand.id] < state.true_acc[active.id]:
+            state.worse_promotions += 1
+            event["worse"] = True
+        state.active = cand
+    state.timeline.append(event)
+    state.experiment = None
+
+
+def _credibility_report(votes: list[VoteRecord], now: float, window_s: float,
+                        cred_cfg: CredibilityConfig, user_by_id: dict[int, SimUser],
+                        truth_of: dict[str, str]) -> dict[str, Any]:
+    """Credibility scoring at the end of the run: trust of adversarial vs honest voters, and
+    how many of the credible labels are wrong."""
+    final = build_credible_set(recent_votes(votes, now, window_s), cred_cfg)
     trust_adv = [p.trust for u, p in final.voters.items() if user_by_id[u].kind == "adversarial"]
     trust_honest = [p.trust for u, p in final.voters.items() if user_by_id[u].kind == "honest"]
     labelled_errors = sum(1 for item in final.labelled
                           if _truth_for(item.text, truth_of) not in (None, item.label))
+    return {
+        "mean_trust_adversarial": round(float(np.mean(trust_adv)), 4) if trust_adv else None,
+        "mean_trust_honest": round(float(np.mean(trust_honest)), 4) if trust_honest
+        else None,
+        "labelled_texts": len(final.labelled),
+        "labelled_label_errors": labelled_errors,
+    }
+
+
+def _report(state: _RunState, *, seed: int, weeks: int, classifier_name: str, n_users: int,
+            adversarial_share: float, credibility: dict[str, Any]) -> dict[str, Any]:
+    timeline = state.timeline
     return {
         "seed": seed,
         "weeks": weeks,
         "classifier": classifier_name,
         "users": n_users,
         "adversarial_share": adversarial_share,
-        "accuracy_start": round(accuracy_start, 4),
-        "accuracy_end": round(true_acc[active.id], 4),
-        "active_end": active.id,
-        "promotions": promotions,
-        "worse_promotions": worse_promotions,
-        "reverts": outcome_counts["revert"],
-        "retired": outcome_counts["retire"],
-        "frozen": outcome_counts["freeze"],
+        "accuracy_start": round(state.accuracy_start, 4),
+        "accuracy_end": round(state.true_acc[state.active.id], 4),
+        "active_end": state.active.id,
+        "promotions": state.promotions,
+        "worse_promotions": state.worse_promotions,
+        "reverts": state.outcome_counts["revert"],
+        "retired": state.outcome_counts["retire"],
+        "frozen": state.outcome_counts["freeze"],
         "candidates": sum(1 for e in timeline if e["event"] == "canary"),
         "refused_offline": sum(1 for e in timeline if e["event"] == "refused_offline"),
-        "votes": len(votes),
-        "examples_added": examples_added,
-        "example_label_errors": label_errors_in_prompts,
-        "adversary_only_examples": adversary_only_in_prompts,
-        "credibility": {
-            "mean_trust_adversarial": round(float(np.mean(trust_adv)), 4) if trust_adv else None,
-            "mean_trust_honest": round(float(np.mean(trust_honest)), 4) if trust_honest
-            else None,
-            "labelled_texts": len(final.labelled),
-            "labelled_label_errors": labelled_errors,
-        },
-        "last_cycle": last_cycle,
-        "weekly": weekly,
+        "votes": len(state.votes),
+        "examples_added": state.examples_added,
+        "example_label_errors": state.label_errors_in_prompts,
+        "adversary_only_examples": state.adversary_only_in_prompts,
+        "credibility": credibility,
+        "last_cycle": state.last_cycle,
+        "weekly": state.weekly,
         "timeline": timeline,
     }
 
@@ -445,7 +557,8 @@ class _HourAcc:
 
 
 def _decide_hour(exp: _Experiment, hour: int, active: PromptVersion,
-                 config: DecisionConfig) -> Any:
+                 config: DecisionConfig) -> tuple[Decision, str]:
+    """The engine's decision after ``hour``, and its reason as the admins would read it."""
     users = sorted({u for _, u in exp.user_counts})
     per = {arm: [exp.user_counts.get((arm, u), [0, 0]) for u in users] for arm in "ab"}
     deff = float(design_effect(
@@ -456,7 +569,8 @@ def _decide_hour(exp: _Experiment, hour: int, active: PromptVersion,
         start_hour=exp.start_hour, now_hour=hour + 1, strata=list(exp.strata.values()),
         design_effect=deff,
     )
-    return decide(snapshot, config)
+    outcome = decide(snapshot, config)
+    return outcome, decision_texts.reason(outcome, snapshot, config)
 
 
 async def _cycle(
