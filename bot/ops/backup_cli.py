@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -45,23 +44,23 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(getattr(args, "config", None), overrides={"storage.db": args.db})
 
 
+# Refusals and failures raise BackupError (a LoopbotError): `loopbot` prints them as one line,
+# ``loopbot: <message>``, and exits with 2, like every other command's.
+
+
 def run_backup(args: argparse.Namespace) -> int:
     import asyncio
 
     from bot.config import resolve_path
-    from bot.store.backup import BackupError, backup_and_rotate, backup_database
+    from bot.store.backup import backup_and_rotate, backup_database
 
     settings = _settings(args)
     db = resolve_path(settings, settings.storage.db)
-    try:
-        if args.out:
-            result = asyncio.run(backup_database(db, args.out))
-        else:
-            directory = resolve_path(settings, settings.storage.backup_dir)
-            result = asyncio.run(backup_and_rotate(db, directory, settings.storage.backup_keep))
-    except BackupError as exc:
-        print(f"loopbot backup: {exc}", file=sys.stderr)
-        return 1
+    if args.out:
+        result = asyncio.run(backup_database(db, args.out))
+    else:
+        directory = resolve_path(settings, settings.storage.backup_dir)
+        result = asyncio.run(backup_and_rotate(db, directory, settings.storage.backup_keep))
     print(f"{result.path} ({result.size_bytes} bytes, schema {result.schema_version}, "
           f"{result.seconds:.2f}s)")
     return 0
@@ -76,14 +75,9 @@ def run_restore(args: argparse.Namespace) -> int:
     if not db.exists() and not args.new:
         # Restoring next to nothing is usually the wrong place (e.g. a relative default path
         # in another folder): the bot would go on with its old database.
-        print(f"loopbot restore: there is no database at {db} to replace; pass the bot's "
-              "--db (or storage.db), or --new to create it there", file=sys.stderr)
-        return 1
-    try:
-        moved = restore_database(args.backup, db)
-    except (BackupError, OSError) as exc:
-        print(f"loopbot restore: {exc}", file=sys.stderr)
-        return 1
+        raise BackupError(f"there is no database at {db} to replace; pass the bot's --db (or "
+                          "storage.db), or --new to create it there")
+    moved = restore_database(args.backup, db)
     print(f"restored {db} from {args.backup}" + (f"; the previous one is {moved}" if moved
                                                   else ""))
     return 0

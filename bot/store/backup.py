@@ -68,11 +68,65 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
     return conn
 
 
+# Every SQLite database file starts with these 16 bytes (an empty file is an empty database).
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+# How long a restore waits for the exclusive lock before it concludes that another process
+# has the database open (an idle bot holds its lock for good, so waiting longer cannot help).
+_IN_USE_TIMEOUT = 1.0
+
+
+def _not_sqlite(path: Path) -> str:
+    return (f"{path} is not a valid SQLite database (its header is damaged, or it is not a "
+            "database file)")
+
+
+def _is_not_a_database(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorname", "").startswith("SQLITE_NOTADB")
+
+
+def _has_sqlite_header(path: Path) -> bool:
+    """False for a non-empty file that does not start the way every SQLite database starts;
+    read before SQLite opens the file (opening can create -wal/-shm files beside it)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(_SQLITE_MAGIC))
+    except OSError as exc:
+        raise BackupError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return not head or head == _SQLITE_MAGIC
+
+
+def _check_header(path: Path, then: str) -> None:
+    if not _has_sqlite_header(path):
+        raise BackupError(_not_sqlite(path) + then)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """One file under two names: the same path, a symlink or a hard link to it."""
+    with contextlib.suppress(OSError):
+        if os.path.samefile(a, b):
+            return True
+    return a.resolve() == b.resolve()  # also when neither exists yet
+
+
+def _live_file(out: Path, db: Path) -> str | None:
+    """How ``out`` is part of the database ``db`` (the file or one of its companions)."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        if _same_file(out, db.with_name(db.name + suffix)):
+            return f"{db}{suffix}"
+    return None
+
+
 def _backup_sync(src_path: str | Path, out_path: str | Path) -> BackupResult:
     started = time.perf_counter()
     src, out = Path(src_path).expanduser(), Path(out_path).expanduser()
     if not src.is_file():
         raise BackupError(f"database {src} does not exist")
+    live = _live_file(out, src)
+    if live is not None:
+        what = "the live database" if live == str(src) else "a file of the live database"
+        raise BackupError(f"{out} is {what} ({live}): the backup would overwrite it; write "
+                          "the backup to another file")
+    _check_header(src, ": nothing was backed up")
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written next to the target and renamed: a crash mid-backup never leaves a file that
     # looks like a finished backup (rotation would otherwise delete a good one for it).
@@ -100,7 +154,11 @@ def _backup_sync(src_path: str | Path, out_path: str | Path) -> BackupResult:
             os.fsync(fh.fileno())
         os.replace(partial, out)
     except sqlite3.Error as exc:
+        if _is_not_a_database(exc):
+            raise BackupError(_not_sqlite(src) + ": nothing was backed up") from exc
         raise BackupError(f"backup of {src} failed: {exc}") from exc
+    except OSError as exc:
+        raise BackupError(f"backup of {src} to {out} failed: {exc}") from exc
     finally:
         partial.unlink(missing_ok=True)
     return BackupResult(out, out.stat().st_size, time.perf_counter() - started, version)
@@ -165,11 +223,19 @@ def _pending_migrations_sync(path: str | Path) -> tuple[int, int] | None:
     if not db_path.is_file():
         return None
     latest = max((m.version for m in discover_migrations()), default=0)
-    conn = _open_readonly(db_path)
+    then = (f": stop the bot, move it aside and restore a backup "
+            f"(`loopbot restore FILE --db {db_path} --new`)")
+    _check_header(db_path, then)
     try:
-        current = _schema_version(conn)
-    finally:
-        conn.close()
+        conn = _open_readonly(db_path)
+        try:
+            current = _schema_version(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        if _is_not_a_database(exc):
+            raise BackupError(_not_sqlite(db_path) + then) from exc
+        raise BackupError(f"cannot read the schema version of {db_path}: {exc}") from exc
     return (current, latest) if current < latest else None
 
 
@@ -200,26 +266,104 @@ async def open_configured_database(settings: Settings) -> Database:
     return await Database.open(db_path)
 
 
-def restore_database(backup_path: str | Path, db_path: str | Path) -> Path | None:
-    """Put a backup in place of the database. The bot must be stopped.
-
-    The backup is checked first; the current database (if any) is kept beside it as
-    ``<db>.before-restore-<time>``; its stale -wal/-shm files are removed (SQLite would
-    otherwise replay the old database's log onto the restored file). Returns where the
-    previous database was moved, if there was one."""
-    backup, db = Path(backup_path).expanduser(), Path(db_path).expanduser()
-    if not backup.is_file():
-        raise BackupError(f"backup {backup} does not exist")
+def _check_backup_file(backup: Path) -> None:
+    """A loopbot database, readable and whole; it is only read (``immutable``: no lock, no
+    -wal/-shm file created beside it). Only its main file is checked: that is what is copied."""
+    nothing = ": nothing was restored"
+    if backup.stat().st_size == 0:
+        raise BackupError(f"{backup} is empty (0 bytes), not a loopbot backup{nothing}")
+    _check_header(backup, nothing)
     try:
-        conn = _open_readonly(backup)
+        conn = sqlite3.connect(f"{backup.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
         try:
             check = conn.execute("PRAGMA quick_check").fetchone()
+            version = _schema_version(conn) if check and check[0] == "ok" else 0
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        raise BackupError(f"{backup} is not a readable SQLite database: {exc}") from exc
+        if _is_not_a_database(exc):
+            raise BackupError(_not_sqlite(backup) + nothing) from exc
+        raise BackupError(f"{backup} is not a readable SQLite database ({exc}){nothing}"
+                          ) from exc
     if not check or check[0] != "ok":
-        raise BackupError(f"{backup} failed its integrity check: {check}")
+        raise BackupError(f"{backup} failed its integrity check ({check[0] if check else '?'})"
+                          f"{nothing}")
+    if version == 0:
+        raise BackupError(f"{backup} is an SQLite file but not a loopbot database (no loopbot "
+                          f"migration was ever applied to it){nothing}")
+
+
+def _check_not_in_use(db: Path) -> None:
+    """Refuse when another process (the bot) has ``db`` open, asking SQLite's own locks.
+
+    The bot keeps its database in WAL mode, and a WAL connection that has read the database
+    once (``Database.open`` does, at once) keeps a shared lock on the file until it is closed,
+    idle and outside any transaction too. A connection in EXCLUSIVE locking mode needs the
+    exclusive lock on the file to read a WAL database at all, so it gets SQLITE_BUSY while
+    any other process has such a connection open. The probe changes nothing when it is
+    refused; when it gets the lock (no one else has the file), closing it folds a left-over
+    -wal into the file, which is what the bot's next start would do anyway."""
+    if db.stat().st_size == 0:
+        return  # an empty file: nothing in it to lose, and no one uses it as a database
+    damaged = (f"{db} is not a valid SQLite database, so loopbot cannot tell whether the bot "
+               f"still has it open: stop the bot, move {db} aside, then run the restore again "
+               "with --new")
+    if not _has_sqlite_header(db):
+        raise BackupError(damaged)
+    try:
+        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=rw", uri=True,
+                               timeout=_IN_USE_TIMEOUT, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise BackupError(f"cannot open {db} to check that the bot is stopped: {exc}") from exc
+    try:
+        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        name = getattr(exc, "sqlite_errorname", "")
+        if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            raise BackupError(
+                f"the bot (or another process) has {db} open: stop it first (e.g. "
+                "`systemctl stop loopbot`), then run the restore again; nothing was restored"
+            ) from exc
+        if _is_not_a_database(exc):
+            raise BackupError(damaged) from exc
+        raise BackupError(f"cannot check that nothing uses {db}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def restore_database(backup_path: str | Path, db_path: str | Path) -> Path | None:
+    """Put a backup in place of the database. The bot must be stopped.
+
+    Refused, with nothing changed, when the backup is the database itself, is not a whole
+    loopbot database, or another process (the running bot) has the database open. The
+    current database (if any) is kept beside it as ``<db>.before-restore-<time>``; its stale
+    -wal/-shm files are removed (SQLite would otherwise replay the old database's log onto the
+    restored file). Returns where the previous database was moved, if there was one.
+
+    The bot could still start between the check and the swap: stop its service first."""
+    backup, db = Path(backup_path).expanduser(), Path(db_path).expanduser()
+    if not backup.is_file():
+        raise BackupError(f"backup {backup} does not exist")
+    live = _live_file(backup, db)
+    if live is not None:
+        what = "the database itself" if live == str(db) else "a file of the live database"
+        raise BackupError(f"{backup} is {what} ({live}): restore from a backup file made by "
+                          "`loopbot backup`, not from the live database")
+    _check_backup_file(backup)
+    if db.exists():
+        _check_not_in_use(db)
+    try:
+        return _swap_in(backup, db)
+    except OSError as exc:
+        raise BackupError(f"restoring {db} from {backup} failed: {exc} (if the database was "
+                          f"already moved aside, it is {db.name}.before-restore-<time>)"
+                          ) from exc
+
+
+def _swap_in(backup: Path, db: Path) -> Path | None:
     db.parent.mkdir(parents=True, exist_ok=True)
     moved: Path | None = None
     if db.exists():

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from bot.ops import backup_cli
+from bot.cli import main
 from bot.store.queries import NewInteraction, Store
 
 
 def loopbot(*argv: str) -> int:
-    """The subcommands exactly as ``loopbot`` dispatches them (parser, defaults, handler)."""
-    parser = argparse.ArgumentParser(prog="loopbot")
-    parser.add_argument("--config", default=None)
-    backup_cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
+    """The subcommands exactly as ``loopbot`` runs them (its parser, handlers and the one place
+    that turns a refusal into ``loopbot: <message>`` and exit code 2)."""
+    code: int = main(list(argv))
     return code
 
 
@@ -111,7 +109,7 @@ def test_backup_during_writes_keeps_every_committed_vote_and_restores(tmp_path: 
 
     # A restore aimed where there is no database (a wrong --db) is refused, not "restored".
     elsewhere = db.parent / "elsewhere" / "loopbot.db"
-    assert loopbot("restore", "--db", str(elsewhere), str(out)) == 1
+    assert loopbot("restore", "--db", str(elsewhere), str(out)) == 2
     assert not elsewhere.exists()
     # Restore (bot stopped): the database goes back to the copy; the replaced one is kept.
     assert loopbot("restore", "--db", str(db), str(out)) == 0
@@ -135,7 +133,66 @@ def test_backup_during_writes_keeps_every_committed_vote_and_restores(tmp_path: 
 def test_backup_of_a_missing_database_fails_with_a_message(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = loopbot("backup", "--db", str(tmp_path / "nope.db"), "--out", str(tmp_path / "x.db"))
-    assert code == 1
-    assert "does not exist" in capsys.readouterr().err
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loopbot: ") and "does not exist" in err and err.count("\n") == 1
     assert not (tmp_path / "nope.db").exists()  # a backup never creates the database
     assert not list(tmp_path.iterdir())
+
+
+# The running bot, in its own process: it commits votes through the real store until a line
+# arrives on stdin, then prints how many it committed.
+BOT_PROCESS = """
+import asyncio, sys, threading
+from bot.store.queries import NewInteraction, Store
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+async def main():
+    store = await Store.open(sys.argv[1])
+    user = 0
+    while not stop.is_set():
+        user += 1
+        i, _ = await store.insert_interaction(NewInteraction(
+            chat_id=user, user_id=user, message_id=1, text=f"message {user}",
+            version_id="v1-en", arm="active", bucket=user % 10_000, label="positive",
+            probabilities={"positive": 0.7, "negative": 0.3}))
+        await store.upsert_vote(i.id, user, correct=True, correct_label=None)
+        if user == 20:
+            print("ready", flush=True)
+        await asyncio.sleep(0.005)
+    await store.close()
+    print(user, flush=True)
+asyncio.run(main())
+"""
+
+
+def test_restore_while_the_bot_runs_is_refused_and_loses_no_vote(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "live" / "loopbot.db"
+    bot = subprocess.Popen([sys.executable, "-c", BOT_PROCESS, str(db)], text=True,
+                           cwd=Path(__file__).resolve().parents[2], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert bot.stdin is not None and bot.stdout is not None and bot.stderr is not None
+    try:
+        assert bot.stdout.readline() == "ready\n", bot.stderr.read()
+        out = tmp_path / "backups" / "copy.db"
+        assert loopbot("backup", "--db", str(db), "--out", str(out)) == 0  # fine while it runs
+        capsys.readouterr()
+        assert loopbot("restore", "--db", str(db), str(out)) == 2
+        err = capsys.readouterr().err
+        assert err == f"loopbot: the bot (or another process) has {db} open: stop it first " \
+                      "(e.g. `systemctl stop loopbot`), then run the restore again; nothing " \
+                      "was restored\n"
+        before = len(voters(db))
+        for _ in range(500):  # the bot goes on acknowledging votes after the refusal
+            if len(voters(db)) >= before + 5:
+                break
+            time.sleep(0.01)
+    finally:
+        rest, errors = bot.communicate("\n", timeout=60)
+    assert bot.returncode == 0, errors
+    # Every vote the bot acknowledged, before and after the refused restore, is in the live
+    # database (none went to a set-aside copy: there is none).
+    assert voters(db) == list(range(1, int(rest.split()[-1]) + 1))
+    assert len(voters(db)) >= before + 5
+    assert not list(db.parent.glob("*before-restore*"))
