@@ -54,6 +54,11 @@ class TelegramConfig:
     webhook_url: str = ""
     webhook_listen: str = "0.0.0.0:8443"
     webhook_secret: str = ""
+    # Largest webhook request body accepted (Telegram's updates are a few kB).
+    webhook_max_body_bytes: int = 1_048_576
+    # Messages a group may have waiting to be sent before it is told the bot is busy and new
+    # ones are dropped (Telegram lets a bot send 20 a minute into one group).
+    group_backlog_limit: int = 20
 
 
 @dataclass

@@ -117,6 +117,8 @@ class _Session:
             classified = await self.service.classify(IncomingText(
                 chat_id=CONSOLE_CHAT_ID, user_id=self.user_id, message_id=self.next_message_id,
                 text=text, chat_type="console"))
+            # Without an update id nothing counts as sent before a /forget.
+            assert classified is not None
             reply = (await self.service.reply(classified.interaction) if self.with_reply
                      else None)
         except InferenceError as exc:

@@ -25,6 +25,7 @@ from bot.config import Settings
 from bot.llm.types import ChatTurn, InferenceError, Reply, Verdict
 from bot.metrics_sink import NO_METRICS, MetricsSink
 from bot.prompts import PromptVersion
+from bot.store.outbox import Outgoing
 from bot.store.queries import (
     AccuracyPoint,
     ForgetResult,
@@ -132,6 +133,8 @@ class Classified:
     truncated: bool = False
 
 
+# Users a day from which /canary refuses a share that would reach less than one of them.
+MIN_USERS_TO_JUDGE_A_SHARE = 10
 # How long a verdict may be clicked before its message id is noted (the send in between).
 PENDING_VERDICT_S = 120.0
 CORRECT = "correct"
@@ -236,13 +239,28 @@ class Service:
             raise InferenceError(f"prompt version {interaction.version_id} is gone")
         return version
 
-    async def classify(self, msg: IncomingText, *, with_verdict: bool = True) -> Classified:
-        """Verdict for a new message, stored before it is shown. A message seen before is
-        returned as stored (``duplicate``) without running the model again."""
+    async def classify(
+        self, msg: IncomingText, *, with_verdict: bool = True,
+        outgoing: Callable[[Interaction, Verdict | None], Sequence[Outgoing]] | None = None,
+    ) -> Classified | None:
+        """Verdict for a new message, stored before it is shown, together with what
+        ``outgoing`` says must be sent about it. A message seen before is returned as stored
+        (``duplicate``) without running the model again. None: the user asked to be
+        forgotten after sending it (Telegram's order), so nothing of it is kept."""
         async with self.user_locks.hold(msg.user_id):
-            return await self._classify(msg, with_verdict=with_verdict)
+            if await self._forgotten(msg.user_id, msg.update_id):
+                return None
+            return await self._classify(msg, with_verdict=with_verdict, outgoing=outgoing)
 
-    async def _classify(self, msg: IncomingText, *, with_verdict: bool) -> Classified:
+    async def _forgotten(self, user_id: int, update_id: int | None) -> bool:
+        """Whether an update was sent before its sender's /forget (a late arrival)."""
+        before = await self.store.forgotten_before(user_id)
+        return before is not None and update_id is not None and update_id < before
+
+    async def _classify(
+        self, msg: IncomingText, *, with_verdict: bool,
+        outgoing: Callable[[Interaction, Verdict | None], Sequence[Outgoing]] | None,
+    ) -> Classified:
         existing = await self.store.find_interaction(msg.chat_id, msg.message_id)
         if existing is not None:
             return Classified(existing, self.version_of(existing), None, duplicate=True)
@@ -261,7 +279,7 @@ class Service:
             label=verdict.label if verdict else None,
             probabilities=dict(verdict.probabilities) if verdict else None,
             verdict_latency_ms=verdict.latency_ms if verdict else None,
-        ))
+        ), outgoing=(lambda stored: outgoing(stored, verdict)) if outgoing else None)
         return Classified(interaction, version, verdict, duplicate=not created,
                           truncated=len(text) < len(msg.text))
 
@@ -271,9 +289,10 @@ class Service:
         await self.store.add_bot_messages(interaction_id, chat_id, kind, message_ids)
 
     async def reply(self, interaction: Interaction, *,
-                    on_text: Callable[[str], None] | None = None) -> Reply:
+                    on_text: Callable[[str], None] | None = None,
+                    outgoing: Callable[[Reply], Sequence[Outgoing]] | None = None) -> Reply:
         """The chat reply, with the chat's last few turns as context; stored with the
-        interaction."""
+        interaction together with what ``outgoing`` says must be sent of it."""
         version = self.version_of(interaction)
         turns = await self.store.recent_turns(interaction.chat_id, interaction.id,
                                               version.generation.history_turns)
@@ -283,23 +302,37 @@ class Service:
         reply = await self.runtime.reply(version, history, interaction.text or "",
                                          on_text=on_text)
         self.metrics.observe_reply(reply.latency_ms / 1000.0)
-        await self.store.set_reply(interaction.id, reply.text, reply.latency_ms)
+        await self.store.set_reply(interaction.id, reply.text, reply.latency_ms,
+                                   outgoing(reply) if outgoing else ())
         return reply
 
     # --- feedback -----------------------------------------------------------------------
 
     async def record_vote(self, interaction_id: int, user_id: int, choice: str | int, *,
-                          chat_id: int, message_id: int) -> VoteOutcome:
+                          chat_id: int, message_id: int,
+                          update_id: int | None = None) -> VoteOutcome:
         """Store a vote (``"correct"``, ``"wrong"`` or the index of the right label). It is
         committed when this returns, so the caller may acknowledge the click afterwards.
 
-        The interaction must exist, carry a verdict, and have been shown in this very chat
-        message: callback data is never trusted on its own."""
+        The interaction must exist, carry a verdict, have been shown in this very chat
+        message, and be one the voter could see (in a private chat, only its user):
+        callback data is never trusted on its own. A vote sent before the voter's /forget is
+        refused; the same per-user lock as /forget orders the two."""
+        async with self.user_locks.hold(user_id):
+            if await self._forgotten(user_id, update_id):
+                return VoteOutcome(False, reason="sent before the voter's /forget")
+            return await self._record_vote(interaction_id, user_id, choice, chat_id=chat_id,
+                                           message_id=message_id)
+
+    async def _record_vote(self, interaction_id: int, user_id: int, choice: str | int, *,
+                           chat_id: int, message_id: int) -> VoteOutcome:
         interaction = await self.store.get_interaction(interaction_id)
         if interaction is None:
             return VoteOutcome(False, reason="unknown interaction")
         if interaction.chat_id != chat_id or interaction.label is None:
             return VoteOutcome(False, reason="not a verdict of this chat")
+        if interaction.chat_type == "private" and user_id != interaction.user_id:
+            return VoteOutcome(False, reason="not the user of this private chat")
         # The id is NULL only in the instant between sending the verdict and noting its id.
         if interaction.verdict_message_id not in (None, message_id):
             return VoteOutcome(False, reason="verdict shown in another message")
@@ -325,18 +358,33 @@ class Service:
             return VoteOutcome(False, interaction, reason=f"invalid choice {choice!r}")
         vote = await self.store.upsert_vote(interaction.id, user_id, correct=correct,
                                             correct_label=correct_label)
+        if vote is None:
+            return VoteOutcome(False, reason="the verdict was deleted (/forget)")
         if vote.created_at == vote.updated_at:  # a first vote, not a changed one
             self.metrics.count_vote(interaction.version_id, correct)
         return VoteOutcome(True, interaction, vote, ask_label=ask_label)
 
     async def record_reaction(self, chat_id: int, message_id: int, user_id: int,
-                              emojis: Sequence[str]) -> Reaction | None:
+                              emojis: Sequence[str], *,
+                              update_id: int | None = None) -> Reaction | None:
         """A user's current reactions on a bot message; ``None`` when the message is not one
-        of ours or the reactions were removed."""
-        found = await self.store.find_bot_message(chat_id, message_id)
-        if found is None:
-            return None
+        of ours, the reactions were removed, the user could not see it (another user's
+        private chat) or sent it before their /forget."""
+        async with self.user_locks.hold(user_id):
+            if await self._forgotten(user_id, update_id):
+                return None
+            found = await self.store.find_bot_message(chat_id, message_id)
+            if found is None:
+                return None
+            return await self._record_reaction(found, chat_id, message_id, user_id, emojis)
+
+    async def _record_reaction(self, found: tuple[int, str], chat_id: int, message_id: int,
+                               user_id: int, emojis: Sequence[str]) -> Reaction | None:
         interaction_id, kind = found
+        interaction = await self.store.get_interaction(interaction_id)
+        if interaction is None or (interaction.chat_type == "private"
+                                   and interaction.user_id != user_id):
+            return None
         tg = self.settings.telegram
         polarity = reaction_polarity(emojis, tg.positive_reactions, tg.negative_reactions)
         return await self.store.set_reaction(interaction_id, chat_id, message_id, user_id, kind,
@@ -377,9 +425,12 @@ class Service:
         rows = await self.store.export_votes()
         return await asyncio.to_thread(_votes_csv, rows), len(rows)
 
-    async def forget_user(self, user_id: int) -> ForgetResult:
+    async def forget_user(self, user_id: int, *, update_id: int | None = None) -> ForgetResult:
+        """Delete what the user sent and gave. ``update_id`` is the /forget's own update:
+        feedback the user sent before it is refused when it arrives later."""
         async with self.user_locks.hold(user_id):
-            result = await self.store.forget_user(user_id)
+            result = await self.store.forget_user(
+                user_id, before_update_id=update_id or 0)
         log.info("user %s forgotten: %s", user_id, result)
         return result
 
@@ -415,11 +466,28 @@ class Service:
 
     async def set_canary(self, version_id: str, percent: float, *, actor: str, reason: str
                          ) -> versions.AuditEntry:
+        await self._check_canary_reaches_someone(percent)
         stats = await self._audit_stats(version_id)
         entry = await versions.set_canary(self.store.db, version_id, percent, self.versions,
                                           actor=actor, reason=reason, stats=stats)
         self.metrics.count_decision(entry.action)
         return entry
+
+    async def _check_canary_reaches_someone(self, percent: float) -> None:
+        """A share too small to serve anyone in a day at the current traffic starts a test
+        that can never decide: refuse it and say what would work."""
+        share = percent / 100.0
+        if 0 < share < 1.0 / routing.BUCKETS:
+            raise versions.VersionError(
+                f"{percent:g}% is less than one routing bucket (1 in {routing.BUCKETS}): the "
+                f"canary would serve nobody; use at least {100.0 / routing.BUCKETS:g}%")
+        users = await self.store.users_since(time.time() - 86_400.0)
+        # Below a handful of users a day the traffic says too little to forbid anything.
+        if share > 0 and users >= MIN_USERS_TO_JUDGE_A_SHARE and share * users < 1.0:
+            raise versions.VersionError(
+                f"{percent:g}% of the {users} users who wrote in the last day is less than one "
+                f"user a day: the test would serve nobody; use at least "
+                f"{min(100.0, 100.0 / users):.2g}%")
 
     async def retire(self, version_id: str, *, actor: str, reason: str) -> versions.AuditEntry:
         stats = await self._audit_stats(version_id)

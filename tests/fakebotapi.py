@@ -52,9 +52,10 @@ class FakeBotAPI:
         self._pending: list[dict[str, Any]] = []
         self._forced: list[dict[str, Any]] = []
         self._failures: dict[str, list[int]] = {}
+        self._errors: dict[str, list[tuple[int, str]]] = {}
         # Run in the server thread before a method is answered: lets a test observe what
         # the bot had done (e.g. committed) at the moment it made that call.
-        self.before: dict[str, Callable[[Call], None]] = {}
+        self.before: dict[str, Callable[[Call], bool | None]] = {}
         self._update_ids = itertools.count(1)
         self._message_ids = itertools.count(10_000)
         self._user_message_ids = itertools.count(1)
@@ -99,6 +100,13 @@ class FakeBotAPI:
         with self._cond:
             self._failures.setdefault(method, []).extend([retry_after] * times)
 
+    def error_next(self, method: str, status: int, *, times: int = 1,
+                   description: str = "") -> None:
+        """The next ``times`` calls of ``method`` get HTTP ``status`` (500 Internal Server
+        Error, 502 Bad Gateway, 403 Forbidden: bot was blocked by the user, ...)."""
+        with self._cond:
+            self._errors.setdefault(method, []).extend([(status, description)] * times)
+
     def push(self, update: dict[str, Any], *, redeliver: bool = False) -> dict[str, Any]:
         """Queue an update for getUpdates. ``redeliver`` serves it again even if its id was
         already confirmed, as Telegram does after a bot crashed before confirming."""
@@ -107,6 +115,15 @@ class FakeBotAPI:
             (self._forced if redeliver else self._pending).append(update)
             self._cond.notify_all()
         return update
+
+    def push_batch(self, updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Queue several updates at once: the next getUpdates returns them in one batch."""
+        with self._cond:
+            for update in updates:
+                update.setdefault("update_id", next(self._update_ids))
+                self._pending.append(update)
+            self._cond.notify_all()
+        return updates
 
     @staticmethod
     def user(user_id: int, language: str = "en", first_name: str = "Tester") -> dict[str, Any]:
@@ -233,6 +250,14 @@ class FakeBotAPI:
         params, files = _parse_body(content_type, body)
         call = Call(method, params, files)
         with self._cond:
+            errors = self._errors.get(method)
+            if errors:
+                status, description = errors.pop(0)
+                call.status = status
+                self.calls.append(call)
+                self._cond.notify_all()
+                return status, {"ok": False, "error_code": status,
+                                "description": description or f"Error {status}"}
             failures = self._failures.get(method)
             if failures:
                 retry_after = failures.pop(0)
@@ -243,8 +268,13 @@ class FakeBotAPI:
                              "description": f"Too Many Requests: retry after {retry_after}",
                              "parameters": {"retry_after": retry_after}}
         hook = self.before.get(method)
-        if hook is not None:
-            hook(call)
+        if hook is not None and hook(call) is False:
+            # The hook says the request never arrived (the bot died while sending it).
+            call.status = 499
+            with self._cond:
+                self.calls.append(call)
+                self._cond.notify_all()
+            return 499, {"ok": False, "error_code": 499, "description": "dropped"}
         if method == "getUpdates":
             result: Any = self._get_updates(params)
         else:

@@ -1,7 +1,8 @@
 """``/healthz`` and ``/metrics`` over HTTP, served from the bot's own event loop.
 
 The health check answers the operator's question "would a message get an answer now?":
-the model is loaded, the database takes a write, the inference worker is not stuck on one job,
+the model is loaded, the database takes a committed write (and no write the bot tried has
+failed since the last one that went through), the inference worker is not stuck on one job,
 and the disk under the database is not full. Any failure gives 503 and names the reason, so a
 container orchestrator restarts the bot and a human reading the probe knows why.
 """
@@ -20,7 +21,7 @@ from typing import Protocol, runtime_checkable
 from aiohttp import web
 
 from bot.ops.metrics import METRICS, Metrics
-from bot.store.db import Database
+from bot.store.db import Database, WriteFailure
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +67,21 @@ class HealthReport:
         return "ok\n" if self.ok else "".join(f"{p}\n" for p in self.problems)
 
 
-class _Rollback(Exception):
-    """Raised inside the probe transaction so it rolls back."""
-
-
 async def write_probe(db: Database) -> None:
-    """A real write on the bot's own connection, rolled back: takes SQLite's write lock and
-    fails with SQLITE_READONLY / a closed-connection error like a vote would."""
-    with contextlib.suppress(_Rollback):
-        async with db.transaction() as conn:
-            await conn.execute(
-                "UPDATE schema_version SET applied_at = applied_at"
-                " WHERE version = (SELECT MAX(version) FROM schema_version)")
-            raise _Rollback
+    """A real write on the bot's own connection, committed and fsync'd like a vote: a write
+    that is rolled back never reaches the disk, so it cannot see a read-only, full or failing
+    one (see :meth:`Database.probe_write`)."""
+    await db.probe_write()
+
+
+def describe_failure(failure: WriteFailure, now: float | None = None) -> str:
+    """One line for /healthz about a write the database refused."""
+    ago = max(0.0, (time.time() if now is None else now) - failure.at)
+    if failure.corrupt:
+        return (f"database: damaged: {failure.error} ({failure.code}, {ago:.0f}s ago); stop "
+                "the bot and put the newest backup in its place with `loopbot restore`")
+    return (f"database: a write failed {ago:.0f}s ago and none has gone through since: "
+            f"{failure.error} ({failure.code})")
 
 
 class HealthChecker:
@@ -135,11 +138,18 @@ class HealthChecker:
             self._probe = asyncio.create_task(write_probe(db), name="loopbot-health-probe")
         probe = self._probe
         done, _ = await asyncio.wait({probe}, timeout=self.probe_timeout_s)
+        probe_failed = False
         if not done:
             problems.append(f"database: a write did not get through within "
                             f"{self.probe_timeout_s:g}s (locked by another process?)")
         elif probe.exception() is not None:
+            probe_failed = True
             problems.append(f"database: not writable: {probe.exception()}")
+        # A probe that went through cleared an earlier refusal, except damage: the probe's
+        # own page being fine says nothing about the pages a vote needs.
+        failure = db.write_failure
+        if failure is not None and (failure.corrupt or not probe_failed):
+            problems.append(describe_failure(failure))
         return problems
 
     async def close(self) -> None:

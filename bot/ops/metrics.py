@@ -75,6 +75,15 @@ class Metrics:
         self.decisions = Counter(
             "loopbot_decisions", "Version decisions applied (promote, revert, ramp, ...).",
             ["action"], registry=self.registry)
+        self.sent = Counter(
+            "loopbot_messages_sent", "Messages delivered from the outbox, by kind.", ["kind"],
+            registry=self.registry)
+        self.send_failures = Counter(
+            "loopbot_send_failures", "Outbox messages Telegram refused for good, by kind.",
+            ["kind"], registry=self.registry)
+        self.dropped = Counter(
+            "loopbot_dropped_messages", "User messages dropped unanswered because their chat's "
+            "backlog was full (the chat is told once).", ["chat_type"], registry=self.registry)
         self._db_refreshed_at: float | None = None
         self._versions_seen: set[str] = set()
 
@@ -93,6 +102,15 @@ class Metrics:
 
     def count_decision(self, action: str) -> None:
         self.decisions.labels(action=action).inc()
+
+    def count_sent(self, kind: str) -> None:
+        self.sent.labels(kind=kind).inc()
+
+    def count_send_failure(self, kind: str) -> None:
+        self.send_failures.labels(kind=kind).inc()
+
+    def count_dropped(self, chat_type: str) -> None:
+        self.dropped.labels(chat_type=chat_type).inc()
 
     # --- gauges -----------------------------------------------------------------------
     async def refresh(self, db: Database | None, runtime: QueueDepth | None = None, *,

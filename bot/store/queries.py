@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiosqlite
 
 from bot.store.db import Database, fetchone
+from bot.store.outbox import Outgoing, add_outgoing
 
 
 @dataclass(frozen=True)
@@ -167,9 +168,15 @@ class Store:
 
     # --- interactions -------------------------------------------------------------------
 
-    async def insert_interaction(self, new: NewInteraction) -> tuple[Interaction, bool]:
+    async def insert_interaction(
+        self, new: NewInteraction,
+        outgoing: Callable[[Interaction], Sequence[Outgoing]] | None = None,
+    ) -> tuple[Interaction, bool]:
         """Store a message's verdict. Returns ``(interaction, created)``; ``created`` is False
-        when the same chat message was stored before (a redelivered update)."""
+        when the same chat message was stored before (a redelivered update).
+
+        ``outgoing`` makes what must be sent about a new interaction (its verdict message);
+        it is stored in the same transaction, so a stored verdict is always shown."""
         probs = dict(new.probabilities or {})
         confidence = probs.get(new.label) if new.label is not None else None
         at = time.time() if new.created_at is None else new.created_at
@@ -189,8 +196,11 @@ class Store:
                 conn, "SELECT * FROM interactions WHERE chat_id = ? AND message_id = ?",
                 (new.chat_id, new.message_id),
             )
-        assert row is not None
-        return _interaction(row), created
+            assert row is not None
+            interaction = _interaction(row)
+            if created and outgoing is not None:
+                await add_outgoing(conn, outgoing(interaction), at)
+        return interaction, created
 
     async def get_interaction(self, interaction_id: int) -> Interaction | None:
         row = await self.db.fetchone("SELECT * FROM interactions WHERE id = ?",
@@ -221,12 +231,19 @@ class Store:
                 [(chat_id, mid, interaction_id, kind, interaction_id) for mid in message_ids],
             )
 
-    async def set_reply(self, interaction_id: int, text: str, latency_ms: float) -> None:
+    async def set_reply(self, interaction_id: int, text: str, latency_ms: float,
+                        outgoing: Sequence[Outgoing] = ()) -> bool:
+        """Store the reply and what must be sent of it, together; False when the interaction
+        is gone (/forget while the reply was generated): then nothing is sent either."""
         async with self.db.transaction() as conn:
-            await conn.execute(
+            cur = await conn.execute(
                 "UPDATE interactions SET reply_text = ?, reply_latency_ms = ? WHERE id = ?",
                 (text, latency_ms, interaction_id),
             )
+            if cur.rowcount != 1:
+                return False
+            await add_outgoing(conn, outgoing, time.time())
+            return True
 
     async def find_bot_message(self, chat_id: int, message_id: int) -> tuple[int, str] | None:
         row = await self.db.fetchone(
@@ -251,15 +268,18 @@ class Store:
     # --- votes and reactions ------------------------------------------------------------
 
     async def upsert_vote(self, interaction_id: int, user_id: int, *, correct: bool,
-                          correct_label: str | None, now: float | None = None) -> Vote:
+                          correct_label: str | None, now: float | None = None) -> Vote | None:
         """One vote per user and interaction; a second click changes it. Returns the stored
-        row after the transaction committed."""
+        row after the transaction committed, or None when the interaction is gone."""
         at = time.time() if now is None else now
         # "Wrong" clicked again after the right label was picked keeps that label: a re-tap
         # must not erase the correction mining and credibility learn from.
         label = ("CASE WHEN excluded.correct = 0 AND excluded.correct_label IS NULL"
                  " AND correct = 0 THEN correct_label ELSE excluded.correct_label END")
         async with self.db.transaction() as conn:
+            if await fetchone(conn, "SELECT 1 FROM interactions WHERE id = ?",
+                              (interaction_id,)) is None:
+                return None  # deleted meanwhile (/forget of its author)
             await conn.execute(
                 "INSERT INTO votes (interaction_id, user_id, correct, correct_label, created_at,"
                 " updated_at, first_correct) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -381,9 +401,23 @@ class Store:
 
     # --- privacy ------------------------------------------------------------------------
 
-    async def forget_user(self, user_id: int) -> ForgetResult:
-        """Delete the user's messages (with everything attached to them), votes and reactions."""
+    async def forget_user(self, user_id: int, *, before_update_id: int = 0,
+                          now: float | None = None) -> ForgetResult:
+        """Delete the user's messages (with everything attached to them), votes and reactions,
+        and the texts of the updates they sent; leave a tombstone so that votes and reactions
+        sent before ``before_update_id`` (Telegram's order) are refused if they arrive late."""
+        at = time.time() if now is None else now
         async with self.db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO forgotten_users (user_id, forgotten_at, before_update_id)"
+                " VALUES (?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
+                " forgotten_at = excluded.forgotten_at,"
+                " before_update_id = MAX(forgotten_users.before_update_id,"
+                "                        excluded.before_update_id)",
+                (user_id, at, before_update_id))
+            # Handled updates keep no text; their rows only recognise redeliveries.
+            await conn.execute("UPDATE inbox SET payload = '{}' WHERE user_id = ?"
+                               " AND state != 'pending'", (user_id,))
             own = await fetchone(
                 conn,
                 "SELECT (SELECT COUNT(*) FROM votes WHERE user_id = ?"
@@ -400,7 +434,22 @@ class Store:
             # Mining reports quote example texts; they are rebuilt from what remains.
             await conn.execute("UPDATE candidate_proposals SET report = '{}'")
         assert own is not None
+        # secure_delete overwrote the pages in the WAL; the checkpoint moves them into the
+        # main file and truncates the WAL, so the words are gone from disk, not only unlinked.
+        await self.db.checkpoint()
         return ForgetResult(interactions=deleted, votes=int(own[0]), reactions=int(own[1]))
+
+    async def forgotten_before(self, user_id: int) -> int | None:
+        """The update id before which the user's feedback is refused (None: never forgot)."""
+        row = await self.db.fetchone(
+            "SELECT before_update_id FROM forgotten_users WHERE user_id = ?", (user_id,))
+        return int(row[0]) if row else None
+
+    async def users_since(self, since: float) -> int:
+        """Distinct users who wrote since ``since``."""
+        row = await self.db.fetchone(
+            "SELECT COUNT(DISTINCT user_id) FROM interactions WHERE created_at >= ?", (since,))
+        return int(row[0]) if row else 0
 
     async def erase_texts_before(self, cutoff: float, now: float | None = None, *,
                                  quote_window_s: float) -> int:

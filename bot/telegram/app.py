@@ -8,15 +8,14 @@ start-up) closes the model and the database.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import logging
-import signal
-from collections.abc import Callable, Sequence
+import sqlite3
+from collections.abc import Sequence
 
 from telegram import BotCommand, Update
 from telegram.error import TelegramError
 from telegram.ext import (
-    AIORateLimiter,
     Application,
     CallbackQueryHandler,
     CommandHandler,
@@ -25,15 +24,20 @@ from telegram.ext import (
     filters,
 )
 
+from bot import texts
 from bot.config import Settings, prompts_directory
 from bot.ops.metrics import METRICS
 from bot.prompts import load_directory
 from bot.service import Service
+from bot.store.outbox import Outbox
 from bot.store.queries import Store
+from bot.telegram import runner
 from bot.telegram.handlers import admin, callbacks, messages, reactions, user_commands
 from bot.telegram.jobs import schedule_experiment_job, schedule_learning_job
 from bot.telegram.ops_hooks import ops_post_init
+from bot.telegram.sender import Sender, SendLimits
 from bot.telegram.state import CONTEXT_TYPES, BotApp, BotContext, PostInitHook, new_job_queue
+from bot.telegram.webhook import plan_webhook
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,9 @@ USER_COMMANDS = (
 )
 
 
-async def _post_init(app: BotApp) -> None:
+async def post_init(app: BotApp) -> None:
+    """Open what the bot needs, inside its event loop: the store, the model, the service and
+    the sender; then the post-init hooks (scheduled jobs)."""
     from bot.llm.model_path import resolve_model
     from bot.llm.runtime import ModelRuntime
 
@@ -73,6 +79,9 @@ async def _post_init(app: BotApp) -> None:
     service = Service(settings, store, runtime, prompt_versions, metrics=METRICS)
     active = await service.start()
     state.service = service
+    state.outbox = Outbox(store.db)
+    state.sender = Sender(app.bot, state.outbox, metrics=METRICS, limits=SendLimits(
+        backlog_limit=settings.telegram.group_backlog_limit))
     try:
         await app.bot.set_my_commands([BotCommand(c, d) for c, d in USER_COMMANDS])
     except Exception as exc:  # a cosmetic call must not keep the bot from starting
@@ -83,9 +92,11 @@ async def _post_init(app: BotApp) -> None:
         await hook(app)
 
 
-async def _post_shutdown(app: BotApp) -> None:
+async def post_shutdown(app: BotApp) -> None:
+    """Close what :func:`post_init` opened, model first."""
     state = app.bot_data
     state.service = None
+    state.sender = None
     # Model first (it may still be finishing a job that the store would record), then the DB.
     for close in reversed(state.closers):
         try:
@@ -97,6 +108,16 @@ async def _post_shutdown(app: BotApp) -> None:
 
 
 async def _on_error(update: object, context: BotContext) -> None:
+    if isinstance(context.error, sqlite3.Error) and isinstance(update, Update):
+        # The database refuses writes: say so at once (the outbox cannot be written either),
+        # instead of leaving the user in silence; /healthz reports the failure.
+        log.error("update %s: the database refused (%s)", update.update_id, context.error)
+        chat, user = update.effective_chat, update.effective_user
+        if chat is not None:
+            lang = texts.language_of(user.language_code if user else None)
+            with contextlib.suppress(TelegramError):
+                await context.bot.send_message(chat.id, texts.t("temporarily_unavailable", lang))
+        return
     log.error("error while handling update %s", getattr(update, "update_id", update),
               exc_info=context.error)
 
@@ -119,13 +140,9 @@ def build_application(
         .token(tg.token)
         .base_url(tg.base_url)
         .base_file_url(tg.base_file_url)
-        # Retries a 429 after Telegram's retry_after, and paces sends under the flood limits.
-        .rate_limiter(AIORateLimiter(max_retries=3))
-        # Votes must be answered while a reply is still being generated for someone else.
-        .concurrent_updates(True)
-        .get_updates_read_timeout(tg.poll_timeout_s + 10.0)
-        .post_init(_post_init)
-        .post_shutdown(_post_shutdown)
+        # No PTB updater: updates come in through the durable inbox (bot/telegram/intake.py),
+        # and answers go out through the outbox's sender, which paces them per chat.
+        .updater(None)
         .build()
     )
     app.bot_data.settings = settings
@@ -161,46 +178,18 @@ def add_handlers(app: BotApp) -> None:
     app.add_error_handler(_on_error)
 
 
-def run_polling(app: BotApp, *, handle_signals: bool = True,
-                close_loop: bool = True) -> None:
-    """Long polling until SIGINT/SIGTERM (or ``stop_running``); then a graceful shutdown.
+def run_polling(app: BotApp, *, handle_signals: bool = True) -> None:
+    """Long polling until SIGINT/SIGTERM (or ``BotState.request_stop``); then a graceful stop.
     ``handle_signals=False`` when not on the main thread (tests run the bot in a thread)."""
-    state = app.bot_data
-    run_until_stopped(app, functools.partial(
-        app.run_polling, allowed_updates=list(ALLOWED_UPDATES),
-        timeout=state.settings.telegram.poll_timeout_s), handle_signals=handle_signals,
-        close_loop=close_loop)
+    runner.run(app, start=post_init, stop=post_shutdown, allowed_updates=list(ALLOWED_UPDATES),
+               handle_signals=handle_signals)
 
 
-def run_until_stopped(app: BotApp, start: Callable[..., None], *,
-                      handle_signals: bool = True, close_loop: bool = True) -> None:
-    """Run PTB's ``run_polling``/``run_webhook`` (``start``) and make sure the model and the
-    database are closed however it ends.
-
-    A stop signal that arrives while PTB is still starting its updater makes PTB's own
-    teardown fail (closing the half-started request raises) before ``post_shutdown``; the
-    open database thread would then keep the process from exiting. So the signals are ours:
-    we note the stop, and close what ``post_shutdown`` did not."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    stop_requested = False
-
-    def request_stop() -> None:
-        nonlocal stop_requested
-        stop_requested = True
-        raise SystemExit  # what PTB's own handler does: unwinds run_until_complete/forever
-
-    if handle_signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, request_stop)
-    try:
-        start(stop_signals=None, close_loop=False)
-    except TelegramError as exc:
-        if not stop_requested:
-            raise
-        log.warning("stopped while starting up (%s); closing what was opened", exc)
-    finally:
-        if app.bot_data.closers:
-            loop.run_until_complete(_post_shutdown(app))
-        if close_loop:
-            loop.close()
+def run_webhook(app: BotApp, settings: Settings, *, handle_signals: bool = True) -> None:
+    """Serve updates over a webhook until SIGINT/SIGTERM (or ``BotState.request_stop``), like
+    :func:`run_polling`. Registers the webhook with Telegram at start and leaves it
+    registered at exit (a restart re-registers it; polling deletes it). Each update is stored
+    before it is answered with 200 (:mod:`bot.telegram.webhook_server`)."""
+    runner.run(app, start=post_init, stop=post_shutdown, allowed_updates=list(ALLOWED_UPDATES),
+               webhook=plan_webhook(settings.telegram), handle_signals=handle_signals,
+               max_body_bytes=settings.telegram.webhook_max_body_bytes)

@@ -48,7 +48,7 @@ def serve(application: BotApp, settings: Settings) -> None:
     """Webhook mode when ``telegram.webhook_url`` is set, long polling otherwise; returns
     when the bot stopped (SIGINT/SIGTERM)."""
     if settings.telegram.webhook_url:
-        from bot.telegram.webhook import run_webhook
+        from bot.telegram.app import run_webhook
 
         run_webhook(application, settings)
     else:

@@ -7,12 +7,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from telegram.ext import Application, CallbackContext, ContextTypes, ExtBot, JobQueue
 
 from bot.config import Settings
 from bot.service import Service
+from bot.store.outbox import Outbox
+
+if TYPE_CHECKING:
+    from bot.telegram.sender import Sender
 
 
 @dataclass
@@ -26,11 +30,26 @@ class BotState:
     post_init_hooks: list[PostInitHook] = field(default_factory=list)
     # Coroutine functions closing what post_init opened, in opening order.
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # What the bot must send, and who sends it (set once the service is up).
+    outbox: Outbox | None = None
+    sender: Sender | None = None
+    # Set while the bot runs: ask it to stop (thread-safe).
+    request_stop: Callable[[], None] | None = None
 
     def require_service(self) -> Service:
         if self.service is None:
             raise RuntimeError("the bot is not started yet")
         return self.service
+
+    def require_outbox(self) -> Outbox:
+        if self.outbox is None:
+            raise RuntimeError("the bot is not started yet")
+        return self.outbox
+
+    def require_sender(self) -> Sender:
+        if self.sender is None:
+            raise RuntimeError("the bot is not started yet")
+        return self.sender
 
 
 class BotContext(CallbackContext[ExtBot[Any], dict[Any, Any], dict[Any, Any], BotState]):

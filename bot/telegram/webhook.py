@@ -14,18 +14,13 @@ Semantics of the settings (and of ``loopbot run --webhook-url URL --listen HOST:
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from bot.config import ConfigError, Settings, TelegramConfig
-
-if TYPE_CHECKING:
-    from bot.telegram.state import BotApp
+from bot.config import ConfigError, TelegramConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,28 +84,3 @@ def plan_webhook(tg: TelegramConfig) -> WebhookPlan:
     return WebhookPlan(webhook_url=url, listen_host=host, listen_port=listen_port,
                        url_path=parts.path.strip("/"), secret_token=secret,
                        secret_generated=generated)
-
-
-def run_webhook(application: BotApp, settings: Settings,
-                *, handle_signals: bool = True, close_loop: bool = True) -> None:
-    """Serve updates over a webhook until SIGINT/SIGTERM (or ``stop_running``), like
-    :func:`bot.telegram.app.run_polling`. Registers the webhook with Telegram at start and
-    leaves it registered at exit (a restart re-registers it; polling deletes it)."""
-    from bot.telegram.app import ALLOWED_UPDATES, run_until_stopped
-
-    plan = plan_webhook(settings.telegram)
-    log.info("webhook mode: listening on %s:%d/%s for %s%s", plan.listen_host,
-             plan.listen_port, plan.url_path, plan.webhook_url,
-             " (secret token generated for this run)" if plan.secret_generated else "")
-    kwargs: dict[str, Any] = dict(
-        listen=plan.listen_host, port=plan.listen_port, url_path=plan.url_path,
-        webhook_url=plan.webhook_url, secret_token=plan.secret_token,
-        allowed_updates=list(ALLOWED_UPDATES),
-        # Updates that arrived while the bot was down are still answered.
-        drop_pending_updates=False,
-        # Telegram briefly unreachable at start: retry instead of dying (systemd/docker would
-        # restart us, but that reloads the model).
-        bootstrap_retries=5,
-    )
-    run_until_stopped(application, functools.partial(application.run_webhook, **kwargs),
-                      handle_signals=handle_signals, close_loop=close_loop)

@@ -82,6 +82,15 @@ _TEXTS: dict[str, dict[str, str]] = {
         ZH: "我现在太忙了，请稍后再试一次 🙏",
         EN: "I'm busy right now, please try again in a moment 🙏",
     },
+    "group_busy": {
+        ZH: "这个群里的消息太多了，我一时回复不过来：接下来的提问我先跳过，请稍后再 @ 我 🙏",
+        EN: "Too many messages in this group for me right now: I'm skipping new ones for a "
+            "moment - please mention me again a little later 🙏",
+    },
+    "restarted": {
+        ZH: "抱歉，我刚才重启了，没来得及回复这条消息。请再发一次 🙏",
+        EN: "Sorry, I was restarting and missed this message. Please send it again 🙏",
+    },
     "timeout": {
         ZH: "这次想得太久了，请再发一次试试。",
         EN: "That took too long - please try sending it again.",
@@ -138,6 +147,12 @@ _TEXTS: dict[str, dict[str, str]] = {
     },
     "no_votes": {ZH: "还没有任何反馈。", EN: "No votes yet."},
     "export_caption": {ZH: "{n} 条反馈", EN: "{n} votes"},
+    # The database refuses writes (Database.accepting_writes is False): say so, not silence.
+    "temporarily_unavailable": {
+        ZH: "抱歉，我暂时无法保存消息和反馈，所以现在没法回复。请稍后再试 🙏",
+        EN: "Sorry, I can't store messages or votes right now, so I can't answer at the "
+            "moment. Please try again a little later 🙏",
+    },
 }
 
 

@@ -54,8 +54,8 @@ class BotHarness:
 
     def stop(self, timeout: float = 30.0) -> None:
         state = self.app.bot_data
-        if state.loop is not None and self._thread.is_alive():
-            state.loop.call_soon_threadsafe(self.app.stop_running)
+        if state.request_stop is not None and self._thread.is_alive():
+            state.request_stop()
         self._thread.join(timeout)
         assert not self._thread.is_alive(), "the bot did not shut down"
         if self.error is not None:

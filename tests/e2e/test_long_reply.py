@@ -53,10 +53,12 @@ def test_a_reply_over_4096_characters_is_split(
             break
     else:
         pytest.fail("no reply over 4096 characters: the premise of this test broke")
-    # The reply's message ids are stored once every piece was sent.
-    ((sent,),) = api.wait_for(lambda: bot.query(
-        "SELECT COUNT(*) FROM bot_messages WHERE chat_id = ? AND kind = 'reply'"
-        " HAVING COUNT(*) > 0", (chat_id,)))
+    # Each piece's message id is stored as it is sent: wait until the chat's outbox is empty.
+    api.wait_for(lambda: bot.query(
+        "SELECT COUNT(*) FROM outbox WHERE chat_id = ?"
+        " HAVING COUNT(*) > 0 AND SUM(state = 'pending') = 0", (chat_id,)), timeout=60)
+    ((sent,),) = bot.query(
+        "SELECT COUNT(*) FROM bot_messages WHERE chat_id = ? AND kind = 'reply'", (chat_id,))
     replies = api.bot_messages(chat_id)
     pieces = [m["text"] for m in replies if "reply_markup" not in m]
     assert len(pieces) >= 2

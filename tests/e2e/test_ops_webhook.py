@@ -21,9 +21,8 @@ from typing import Any
 import pytest
 
 from bot.config import Settings, load_settings
-from bot.telegram.app import build_application, run_polling
+from bot.telegram.app import build_application, run_polling, run_webhook
 from bot.telegram.ops_hooks import ops_post_init
-from bot.telegram.webhook import run_webhook
 from tests.fakebotapi import FakeBotAPI
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,8 +125,8 @@ class RunningBot:
 
     def __exit__(self, *exc: object) -> None:
         state = self.app.bot_data
-        if state.loop is not None and self._thread.is_alive():
-            state.loop.call_soon_threadsafe(self.app.stop_running)
+        if state.request_stop is not None and self._thread.is_alive():
+            state.request_stop()
         self._thread.join(30)
         assert not self._thread.is_alive(), "the bot did not stop"
         assert self.error is None, self.error

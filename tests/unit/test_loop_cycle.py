@@ -12,6 +12,7 @@ from bot.learning.cycle import (
     PROPOSAL_TTL_S,
     VOTE_WINDOW_S,
     LoopConfig,
+    LoopMode,
     LoopState,
     PastProposal,
     analyse,
@@ -150,5 +151,5 @@ def test_plan_idle_failed_forced_and_no_candidate() -> None:
     (False, "automatic", "refused"), (True, "automatic", "canary"),
     (True, "suggest", "proposed"), (False, "suggest", "refused"),
 ])
-def test_status_after_the_offline_check(passed: bool, mode: str, status: str) -> None:
+def test_status_after_the_offline_check(passed: bool, mode: LoopMode, status: str) -> None:
     assert status_after_check(passed, mode) == status

@@ -12,10 +12,20 @@ import aiohttp
 import pytest
 
 from bot.config import ModelConfig
+from bot.errors import LoopbotError
 from bot.llm.runtime import ModelRuntime
 from bot.ops.health import Components, HealthChecker, HealthServer
 from bot.ops.metrics import Metrics
 from bot.store.db import Database
+from bot.store.queries import Store
+from tests.unit.test_store_db_health import (
+    build_store,
+    commit_elsewhere,
+    corrupt_table,
+    file_writes_refused,
+    immutable,
+    interaction,
+)
 
 
 @pytest.fixture
@@ -65,8 +75,9 @@ async def test_healthz_is_200_when_ready_and_503_naming_a_locked_database(
         assert (status, body) == (200, "ok\n")
     finally:
         await server.stop()
-    # The probe rolled back: it left no change behind.
-    assert await db.fetchone("SELECT COUNT(*) FROM schema_version") is not None
+    # The probe committed its row (it went through to disk) and left no transaction open.
+    probe = await db.fetchone("SELECT at FROM health_probe WHERE id = 1")
+    assert probe is not None and probe[0] > 0
     assert db._conn.in_transaction is False
 
 
@@ -149,3 +160,65 @@ async def test_healthz_is_503_when_the_database_is_read_only(runtime: ModelRunti
         assert (await _get(server.port, "/healthz"))[:2] == (200, "ok\n")
     finally:
         await server.stop()
+
+
+async def test_healthz_is_503_while_the_disk_refuses_writes(runtime: ModelRuntime,
+                                                           tmp_path: Path) -> None:
+    # The old probe rolled back before anything reached the disk, so it said "ok" here.
+    store = await Store.open(tmp_path / "refusing.db")
+    checker = HealthChecker(lambda: Components(runtime, store.db), probe_timeout_s=5)
+    try:
+        assert (await checker.check()).ok
+        with file_writes_refused():
+            with pytest.raises(sqlite3.OperationalError):
+                await store.insert_interaction(interaction(1))
+            report = await checker.check()
+        assert report.problems == ("database: not writable: disk I/O error",)
+        # The disk takes writes again: the probe's own commit proves it.
+        assert (await checker.check()).ok
+        assert store.db.accepting_writes
+    finally:
+        await checker.close()
+        await store.close()
+
+
+async def test_healthz_is_503_when_the_database_files_turn_read_only(
+        runtime: ModelRuntime, db: Database) -> None:
+    checker = HealthChecker(lambda: Components(runtime, db), probe_timeout_s=5)
+    server = HealthServer(checker, host="127.0.0.1", port=0, metrics=Metrics())
+    await server.start()
+    try:
+        assert (await _get(server.port, "/healthz"))[:2] == (200, "ok\n")
+        with immutable([db.path, db.path.with_name(db.path.name + "-wal")]):
+            status, body, _ = await _get(server.port, "/healthz")
+        assert (status, body) == (503, "database: not writable: disk I/O error\n")
+        assert (await _get(server.port, "/healthz"))[:2] == (200, "ok\n")
+    finally:
+        await server.stop()
+
+
+async def test_healthz_is_503_after_a_write_hits_damaged_pages(runtime: ModelRuntime,
+                                                               tmp_path: Path) -> None:
+    path = tmp_path / "damaged.db"
+    await build_store(path)
+    store = await Store.open(path)
+    checker = HealthChecker(lambda: Components(runtime, store.db), probe_timeout_s=5)
+    server = HealthServer(checker, host="127.0.0.1", port=0, metrics=Metrics())
+    await server.start()
+    try:
+        corrupt_table(path, "interactions")
+        commit_elsewhere(path)
+        with pytest.raises(sqlite3.DatabaseError, match="malformed"):
+            await store.insert_interaction(interaction(1000))
+        # The probe's own table still takes writes; the damage is still there.
+        for _ in range(2):
+            status, body, _ = await _get(server.port, "/healthz")
+            assert status == 503, body
+            assert body.startswith("database: damaged: database disk image is malformed")
+            assert "loopbot restore" in body and len(body.splitlines()) == 1
+    finally:
+        await server.stop()
+        await store.close()
+    # The orchestrator restarts the bot: it refuses to start on the damaged file.
+    with pytest.raises(LoopbotError, match="loopbot restore"):
+        await Store.open(path)

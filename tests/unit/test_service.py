@@ -150,6 +150,7 @@ async def test_forget_waits_for_the_users_message_in_flight(tiny_gguf: Path,
         assert not message.done() and not forget.done()
         release.set()
         classified = await message
+        assert classified is not None
         result = await forget
         assert result.interactions == 1
         assert await store.db.fetchall("SELECT text FROM interactions") == []

@@ -32,7 +32,7 @@ async def on_vote(update: Update, context: BotContext) -> None:
     service = context.state.require_service()
     outcome = await service.record_vote(
         parsed.interaction_id, query.from_user.id, parsed.choice,
-        chat_id=message.chat_id, message_id=message.message_id,
+        chat_id=message.chat_id, message_id=message.message_id, update_id=update.update_id,
     )
     if not outcome.ok or outcome.vote is None or outcome.interaction is None:
         log.warning("refused callback %r from user %s in chat %s: %s", query.data,

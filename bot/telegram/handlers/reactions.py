@@ -18,6 +18,7 @@ async def on_reaction(update: Update, context: BotContext) -> None:
     emojis = [r.emoji for r in reaction.new_reaction if isinstance(r, ReactionTypeEmoji)]
     service = context.state.require_service()
     stored = await service.record_reaction(reaction.chat.id, reaction.message_id,
-                                           reaction.user.id, emojis)
+                                           reaction.user.id, emojis,
+                                           update_id=update.update_id)
     log.debug("reaction %s on %s/%s by %s -> %s", emojis, reaction.chat.id,
               reaction.message_id, reaction.user.id, stored)

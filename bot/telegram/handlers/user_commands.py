@@ -5,6 +5,7 @@ from __future__ import annotations
 from telegram import Update
 
 from bot import texts
+from bot.telegram.handlers.messages import notice
 from bot.telegram.state import BotContext
 
 
@@ -14,29 +15,28 @@ def _lang(update: Update) -> str:
 
 
 async def start(update: Update, context: BotContext) -> None:
-    if update.effective_message is not None:
-        await update.effective_message.reply_text(texts.t("start", _lang(update)),
-                                                  do_quote=False)
+    if update.effective_chat is not None:
+        await notice(context, update.effective_chat, texts.t("start", _lang(update)))
 
 
 async def help_command(update: Update, context: BotContext) -> None:
-    message, user = update.effective_message, update.effective_user
-    if message is None:
+    chat, user = update.effective_chat, update.effective_user
+    if chat is None:
         return
     lang = _lang(update)
     text = texts.t("help", lang)
     if user is not None and user.id in context.state.settings.telegram.admins:
         text += "\n\n" + texts.t("help_admin", lang)
-    await message.reply_text(text, do_quote=False)
+    await notice(context, chat, text)
 
 
 async def privacy(update: Update, context: BotContext) -> None:
-    if update.effective_message is None:
+    if update.effective_chat is None:
         return
     lang = _lang(update)
     days = context.state.settings.storage.retention_days
-    await update.effective_message.reply_text(
-        texts.t("privacy", lang, retention=texts.retention_text(days, lang)), do_quote=False)
+    await notice(context, update.effective_chat,
+                 texts.t("privacy", lang, retention=texts.retention_text(days, lang)))
 
 
 async def forget(update: Update, context: BotContext) -> None:
@@ -45,11 +45,10 @@ async def forget(update: Update, context: BotContext) -> None:
         return
     if message.sender_chat is not None:
         # Sent on behalf of a chat: the shared service account it comes from is nobody's.
-        await message.reply_text(texts.t("forget_not_anonymous", _lang(update)),
-                                 do_quote=False)
+        await notice(context, message.chat, texts.t("forget_not_anonymous", _lang(update)))
         return
-    result = await context.state.require_service().forget_user(user.id)
-    await message.reply_text(
-        texts.t("forgotten", _lang(update), interactions=result.interactions,
-                votes=result.votes, reactions=result.reactions),
-        do_quote=False)
+    result = await context.state.require_service().forget_user(user.id,
+                                                               update_id=update.update_id)
+    await notice(context, message.chat, texts.t(
+        "forgotten", _lang(update), interactions=result.interactions, votes=result.votes,
+        reactions=result.reactions))
