@@ -32,7 +32,14 @@ import numpy as np
 import numpy.typing as npt
 
 from analytics.baselines import first_decision, growthbook_sequential, naive_z
-from analytics.decide import PROMOTE, REVERT, DecisionConfig, ExperimentArrays, evaluate
+from analytics.decide import (
+    PROMOTE,
+    REVERT,
+    DecisionConfig,
+    ExperimentArrays,
+    VoteBands,
+    evaluate,
+)
 from analytics.stats import cap_votes_per_user_day, design_effect
 
 FloatArray = npt.NDArray[np.float64]
@@ -66,6 +73,32 @@ class Scenario:
     users: int = 0
     user_bias_sd: float = 0.0
     user_activity_sd: float = 0.0
+    # Novelty: the candidate is this much better (points) in its first ``novelty_hours``
+    # only, on top of the effect under test.
+    novelty: float = 0.0
+    novelty_hours: int = 24
+    # Vote propensity of the candidate's verdicts relative to the active's, when the verdict
+    # is right / wrong (1 = users vote on both arms alike). Needs the confidence bands.
+    propensity_right_b: float = 1.0
+    propensity_wrong_b: float = 1.0
+    # Group chats: this many times in the week, one verdict per arm is voted on by a whole
+    # group of ``group_size`` members (who all see its truth alike).
+    group_bursts: int = 0
+    group_size: int = 0
+    # Viral copies: this many times in the week, one text is sent ``viral_factor`` × an
+    # hour's traffic in one hour; each arm classifies every copy the same way.
+    viral_bursts: int = 0
+    viral_factor: float = 0.0
+
+    @property
+    def banded(self) -> bool:
+        """Verdicts carry confidence bands (as the bot's do); a population of users with
+        their own biases draws its votes in another model, without bands."""
+        return not self.users
+
+    def effect_curve(self, effect: float) -> FloatArray:
+        h = np.arange(HOURS)
+        return effect + np.where(h < self.novelty_hours, self.novelty, 0.0)
 
     def share(self) -> FloatArray:
         out = np.zeros(HOURS)
@@ -94,7 +127,24 @@ SCENARIOS: dict[str, Scenario] = {
     "S5": Scenario("S5", 20.0, ((0, 0.10),)),
     "S1_clustered": Scenario("S1_clustered", 20.0, users=1500, user_bias_sd=0.6,
                              user_activity_sd=1.0),
+    # Crowds and biased voting (issue 9): each breaks a vote-counting test.
+    "S_group_votes": Scenario("S_group_votes", 20.0, group_bursts=3, group_size=60),
+    "S_viral": Scenario("S_viral", 20.0, viral_bursts=2, viral_factor=5.0),
+    "S_propensity_right": Scenario("S_propensity_right", 20.0, propensity_right_b=1.5),
+    "S_propensity_wrong": Scenario("S_propensity_wrong", 20.0, propensity_wrong_b=1.5),
+    # Same overall vote rate in both arms: only the confidence bands can tell.
+    "S_propensity_equal_rate": Scenario("S_propensity_equal_rate", 20.0,
+                                        propensity_right_b=1.125, propensity_wrong_b=0.5),
+    "S_novelty": Scenario("S_novelty", 20.0, novelty=0.05),
+    "S_1_vote_per_hour": Scenario("S_1_vote_per_hour", 1.0),
+    "S_few_heavy_voters": Scenario("S_few_heavy_voters", 20.0, users=200, user_bias_sd=0.6,
+                                   user_activity_sd=1.5),
 }
+# A verdict's confidence band depends on whether it is right, the same way in both arms
+# (the model's probability is informative): P(band | right), P(band | wrong); bands are
+# low (< 0.7), middle and high (≥ 0.9) confidence.
+BANDS_IF_RIGHT = (0.10, 0.30, 0.60)
+BANDS_IF_WRONG = (0.45, 0.35, 0.20)
 
 
 def _logit(p: FloatArray) -> FloatArray:
@@ -102,43 +152,170 @@ def _logit(p: FloatArray) -> FloatArray:
     return out
 
 
+@dataclass(frozen=True)
+class Traffic:
+    """One batch of simulated experiments: what the engine reads (observations, one per
+    verdict that got feedback, capped per user and per text and day) and what a test that
+    counts votes sees (every vote)."""
+
+    arrays: ExperimentArrays
+    votes_a: IntArray
+    correct_a: IntArray
+    votes_b: IntArray
+    correct_b: IntArray
+
+
 def simulate_arrays(
     scenario: Scenario, effect: float, runs: int, rng: np.random.Generator, cap: int
 ) -> ExperimentArrays:
     """Hourly aggregates of ``runs`` simulated experiments (shape (runs, HOURS))."""
+    return simulate_traffic(scenario, effect, runs, rng, cap).arrays
+
+
+def simulate_traffic(
+    scenario: Scenario, effect: float, runs: int, rng: np.random.Generator, cap: int,
+    text_cap: int = 3,
+) -> Traffic:
+    """The scenario's traffic for ``runs`` experiments: the engine's observations and the
+    raw votes, drawn from one model of who is served, who votes and what is right."""
     share = scenario.share()
     p_a = np.clip(scenario.accuracy(), 0.01, 0.99)
-    p_b = np.clip(p_a + effect, 0.01, 0.99)
+    p_b = np.clip(p_a + scenario.effect_curve(effect), 0.01, 0.99)
     served = rng.poisson(np.broadcast_to(scenario.vote_rate() / VOTE_PROB, (runs, HOURS)))
     served_b = rng.binomial(served, share)
     served_a = served - served_b
-    votes_a = rng.binomial(served_a, VOTE_PROB)
-    votes_b = rng.binomial(served_b, VOTE_PROB)
-    new_users = rng.poisson(np.broadcast_to(scenario.vote_rate() / VOTE_PROB * NEW_USER_PROB,
-                                            (runs, HOURS)))
-    new_b = rng.binomial(new_users, share)
-    if scenario.users:
-        votes_a, correct_a, votes_b, correct_b, deff = _clustered_votes(
-            scenario, votes_a, votes_b, share, p_a, p_b, rng, cap)
+    bands: VoteBands | None = None
+    if scenario.banded:
+        (votes_a, correct_a), (votes_b, correct_b), bands = _banded_votes(
+            scenario, served_a, served_b, p_a, p_b, rng)
     else:
+        votes_a = rng.binomial(served_a, VOTE_PROB)
+        votes_b = rng.binomial(served_b, VOTE_PROB)
+    # New users are among the served: each served verdict's user is new with this chance
+    # (everyone is new in the first hour).
+    new_a = rng.binomial(served_a, NEW_USER_PROB)
+    new_b = rng.binomial(served_b, NEW_USER_PROB)
+    new_a[:, 0], new_b[:, 0] = served_a[:, 0], served_b[:, 0]
+    new_users = new_a + new_b
+    clusters: FloatArray | None = None
+    if scenario.users:
+        votes_a, correct_a, votes_b, correct_b, deff, clusters = _clustered_votes(
+            scenario, votes_a, votes_b, share, p_a, p_b, rng, cap)
+    elif not scenario.banded:
         # Every vote from a different user: no clustering to correct for.
         correct_a = rng.binomial(votes_a, p_a)
         correct_b = rng.binomial(votes_b, p_b)
-        deff = np.ones((runs, HOURS))
+    if not scenario.users:
+        # One vote per voter: what the bot's estimate gives for independent votes.
+        deff, clusters = _independent_design_effect(votes_a, correct_a, votes_b, correct_b)
     react_a = rng.binomial(served_a, REACTION_PROB)
     react_b = rng.binomial(served_b, REACTION_PROB)
     down_a = rng.binomial(react_a, DOWN_SHARE)
     down_b = rng.binomial(react_b, DOWN_SHARE)
     lat_a = np.maximum(0.0, rng.normal(served_a * LATENCY_MEAN_S, LATENCY_SD_S * np.sqrt(served_a)))
     lat_b = np.maximum(0.0, rng.normal(served_b * LATENCY_MEAN_S, LATENCY_SD_S * np.sqrt(served_b)))
-    return ExperimentArrays(
-        votes_a=votes_a, correct_a=correct_a, votes_b=votes_b, correct_b=correct_b,
-        served_a=served_a, served_b=served_b, new_users_a=new_users - new_b, new_users_b=new_b,
+    counts = {"va": votes_a, "xa": correct_a, "vb": votes_b, "xb": correct_b,
+              "sa": served_a, "sb": served_b}
+    raw = {k: v.copy() for k, v in counts.items()}
+    if scenario.group_bursts:
+        _group_bursts(scenario, counts, raw, p_a, p_b, rng)
+    if scenario.viral_bursts:
+        _viral_bursts(scenario, counts, raw, share, p_a, p_b, rng, text_cap)
+    arrays = ExperimentArrays(
+        votes_a=counts["va"], correct_a=counts["xa"], votes_b=counts["vb"],
+        correct_b=counts["xb"], served_a=counts["sa"], served_b=counts["sb"],
+        new_users_a=new_users - new_b, new_users_b=new_b,
         planned_share=np.broadcast_to(share, (runs, HOURS)).astype(np.float64),
         up_a=react_a - down_a, down_a=down_a, up_b=react_b - down_b, down_b=down_b,
         latency_n_a=served_a, latency_sum_a=lat_a, latency_n_b=served_b, latency_sum_b=lat_b,
-        design_effect=deff,
+        design_effect=deff, clusters=clusters, bands=bands,
     )
+    return Traffic(arrays, raw["va"], raw["xa"], raw["vb"], raw["xb"])
+
+
+def _independent_design_effect(
+    votes_a: IntArray, correct_a: IntArray, votes_b: IntArray, correct_b: IntArray,
+) -> tuple[FloatArray, FloatArray]:
+    """``analytics.stats.design_effect`` when every vote comes from a voter of its own, in
+    closed form (per arm, the cluster-robust variance is the binomial one times C / (C − 1)),
+    and the number of voters so far."""
+    robust = np.zeros(votes_a.shape)
+    binom = np.zeros(votes_a.shape)
+    for votes, correct in ((votes_a, correct_a), (votes_b, correct_b)):
+        n = np.cumsum(votes, axis=1).astype(np.float64)
+        x = np.cumsum(correct, axis=1).astype(np.float64)
+        safe = np.where(n > 0, n, 1.0)
+        p = x / safe
+        resid = x * (1 - p) ** 2 + (n - x) * p**2
+        robust += np.where(n > 1, n / np.maximum(n - 1, 1) * resid / safe**2, 0.0)
+        binom += np.where(n > 0, p * (1 - p) / safe, 0.0)
+    deff = np.where(binom > 0, robust / np.where(binom > 0, binom, 1.0), 1.0)
+    voters = (np.cumsum(votes_a, axis=1) + np.cumsum(votes_b, axis=1)).astype(np.float64)
+    return np.maximum(deff, 1.0), voters
+
+
+def _banded_votes(
+    scenario: Scenario, served_a: IntArray, served_b: IntArray, p_a: FloatArray,
+    p_b: FloatArray, rng: np.random.Generator,
+) -> tuple[tuple[IntArray, IntArray], tuple[IntArray, IntArray], VoteBands]:
+    """Who votes depends on whether the verdict is right, differently per arm; each served
+    verdict falls in a confidence band that depends on whether it is right (both arms
+    alike). One vote per voted verdict."""
+    out = []
+    for served, p, right_x, wrong_x in (
+            (served_a, p_a, 1.0, 1.0),
+            (served_b, p_b, scenario.propensity_right_b, scenario.propensity_wrong_b)):
+        right = rng.binomial(served, p)
+        in_bands_right = rng.multinomial(right, BANDS_IF_RIGHT)
+        in_bands_wrong = rng.multinomial(served - right, BANDS_IF_WRONG)
+        voted_right = rng.binomial(in_bands_right, min(1.0, VOTE_PROB * right_x))
+        voted_wrong = rng.binomial(in_bands_wrong, min(1.0, VOTE_PROB * wrong_x))
+        out.append((in_bands_right + in_bands_wrong, voted_right + voted_wrong, voted_right))
+    (s_a, o_a, x_a), (s_b, o_b, x_b) = out
+    bands = VoteBands(served_a=s_a, observed_a=o_a, correct_a=x_a, served_b=s_b,
+                      observed_b=o_b, correct_b=x_b)
+    return ((o_a.sum(axis=-1), x_a.sum(axis=-1)), (o_b.sum(axis=-1), x_b.sum(axis=-1)), bands)
+
+
+def _group_bursts(scenario: Scenario, counts: dict[str, IntArray], raw: dict[str, IntArray],
+                  p_a: FloatArray, p_b: FloatArray, rng: np.random.Generator) -> None:
+    """A verdict per arm voted on by a whole group: one observation each for the engine (the
+    members' majority), ``group_size`` votes each for a vote-counting test."""
+    runs = counts["va"].shape[0]
+    rows = np.arange(runs)
+    for _ in range(scenario.group_bursts):
+        hour = rng.integers(0, HOURS, runs)
+        for arm, p in (("a", p_a), ("b", p_b)):
+            right = (rng.random(runs) < p[hour]).astype(np.int64)
+            counts[f"s{arm}"][rows, hour] += 1
+            raw[f"s{arm}"][rows, hour] += 1
+            counts[f"v{arm}"][rows, hour] += 1
+            counts[f"x{arm}"][rows, hour] += right
+            raw[f"v{arm}"][rows, hour] += scenario.group_size
+            raw[f"x{arm}"][rows, hour] += scenario.group_size * right
+
+
+def _viral_bursts(scenario: Scenario, counts: dict[str, IntArray], raw: dict[str, IntArray],
+                  share: FloatArray, p_a: FloatArray, p_b: FloatArray,
+                  rng: np.random.Generator, text_cap: int) -> None:
+    """One text sent by many in one hour. Each arm classifies every copy alike (right or
+    wrong together); each sender votes as usual. The engine counts the text at most
+    ``text_cap`` times per arm that day; a vote-counting test counts every vote."""
+    runs = counts["va"].shape[0]
+    rows = np.arange(runs)
+    hourly_served = scenario.votes_per_hour / VOTE_PROB
+    for _ in range(scenario.viral_bursts):
+        hour = rng.integers(0, HOURS, runs)
+        copies = rng.poisson(scenario.viral_factor * hourly_served, runs)
+        copies_b = rng.binomial(copies, share[hour])
+        for arm, n, p in (("a", copies - copies_b, p_a), ("b", copies_b, p_b)):
+            right = (rng.random(runs) < p[hour]).astype(np.int64)
+            voted = rng.binomial(n, VOTE_PROB)
+            kept = np.minimum(voted, text_cap) if text_cap > 0 else voted
+            for target, votes in ((counts, kept), (raw, voted)):
+                target[f"s{arm}"][rows, hour] += n
+                target[f"v{arm}"][rows, hour] += votes
+                target[f"x{arm}"][rows, hour] += votes * right
 
 
 def _clustered_votes(
@@ -150,11 +327,12 @@ def _clustered_votes(
     p_b: FloatArray,
     rng: np.random.Generator,
     cap: int,
-) -> tuple[IntArray, IntArray, IntArray, IntArray, FloatArray]:
+) -> tuple[IntArray, IntArray, IntArray, IntArray, FloatArray, FloatArray]:
     """Votes from a user population: sticky arms, personal bias, heavy voters, daily cap.
 
     Also returns the design effect the bot would estimate at each look from the per-user
-    counts so far (``analytics.stats.design_effect``), computed hour by hour.
+    counts so far (``analytics.stats.design_effect``) and the number of distinct voters so
+    far (the clusters of the horizon test), computed hour by hour.
     """
     runs, users = votes_a.shape[0], scenario.users
     bucket = rng.random((runs, users))
@@ -186,6 +364,7 @@ def _clustered_votes(
         order = np.argsort(hour_of[keep], kind="stable")
         per_vote.append((hour_of[keep][order], user[keep][order], correct[keep][order]))
     deff = np.ones((runs, HOURS))
+    clusters = np.zeros((runs, HOURS))
     size = runs * users
     running = [[np.zeros(size), np.zeros(size)] for _ in range(2)]
     bounds = [np.searchsorted(h, np.arange(HOURS + 1)) for h, _, _ in per_vote]
@@ -199,7 +378,9 @@ def _clustered_votes(
         deff[:, hour] = design_effect(
             running[0][0].reshape(runs, users), running[0][1].reshape(runs, users),
             running[1][0].reshape(runs, users), running[1][1].reshape(runs, users))
-    return out_votes[0], out_correct[0], out_votes[1], out_correct[1], deff
+        clusters[:, hour] = ((running[0][0] + running[1][0]) > 0).reshape(runs, users).sum(
+            axis=1)
+    return out_votes[0], out_correct[0], out_votes[1], out_correct[1], deff, clusters
 
 
 @dataclass(frozen=True)
@@ -215,17 +396,26 @@ def _votes_at(total: IntArray, idx: IntArray) -> IntArray:
     return np.where(idx >= 0, at, total[:, -1]).astype(np.int64)
 
 
-def run_methods(data: ExperimentArrays, config: DecisionConfig) -> dict[str, Outcomes]:
-    """Every method on the same simulated data."""
+def run_methods(traffic: Traffic | ExperimentArrays,
+                config: DecisionConfig) -> dict[str, Outcomes]:
+    """Every method on the same simulated traffic: the engine on its observations, the
+    vote-counting tests on the votes (what they would count in a real bot)."""
+    if isinstance(traffic, ExperimentArrays):
+        data = traffic
+        votes = (data.votes_a, data.correct_a, data.votes_b, data.correct_b)
+    else:
+        data = traffic.arrays
+        votes = (traffic.votes_a, traffic.correct_a, traffic.votes_b, traffic.correct_b)
     traj = evaluate(data, config)
     action, idx = traj.first_terminal()
-    total = traj.votes_a + traj.votes_b
+    cum_votes = [np.cumsum(v, axis=1) for v in votes]
+    total = cum_votes[0] + cum_votes[2]
     engine = np.where(action == PROMOTE, 1, np.where(action == REVERT, -1, 0))
     out = {"engine": Outcomes(engine.astype(np.int64), _votes_at(total, idx))}
     baselines: dict[str, Callable[..., Any]] = {"naive": naive_z,
                                                 "growthbook": growthbook_sequential}
     for name, method in baselines.items():
-        res = method(traj.votes_a, traj.correct_a, traj.votes_b, traj.correct_b)
+        res = method(*cum_votes)
         outcome, look = first_decision(res.better, res.worse)
         out[name] = Outcomes(outcome, _votes_at(total, look))
     return out
@@ -279,8 +469,10 @@ def simulate(
             parts: list[dict[str, Outcomes]] = []
             for start in range(0, runs, chunk):
                 n = min(chunk, runs - start)
-                data = simulate_arrays(scenario, effect, n, rng, config.max_votes_per_user_day)
-                parts.append(run_methods(data, config))
+                traffic = simulate_traffic(scenario, effect, n, rng,
+                                           config.max_votes_per_user_day,
+                                           config.max_observations_per_text_day)
+                parts.append(run_methods(traffic, config))
             results[effect_name] = {
                 m: Outcomes(np.concatenate([p[m].outcome for p in parts]),
                             np.concatenate([p[m].votes for p in parts]))
@@ -290,3 +482,94 @@ def simulate(
                 progress(f"{name} {effect_name}: done")
         out[name] = summarise(results)
     return {"scenarios": out}
+
+
+# Band representatives: a confidence inside each band (low < 0.7 ≤ middle < 0.9 ≤ high).
+BAND_CONFIDENCE = (0.6, 0.8, 0.95)
+LOG_START = 1_700_006_400.0  # an hour boundary: the log's hours are the simulation's
+
+
+def run_events(traffic: Traffic, scenario: Scenario, run: int) -> list[dict[str, Any]]:
+    """One simulated run as the event log ``loopbot replay`` reads: the same served verdicts
+    (with their confidence bands), new users, votes and 👍/👎 hour by hour, so the replay
+    aggregates back exactly to what the simulation handed the engine. Only for scenarios
+    whose every vote comes from a voter of its own (no user population, groups or viral
+    copies: their vote-level structure is not kept by the simulation)."""
+    if scenario.users or scenario.group_bursts or scenario.viral_bursts:
+        raise ValueError(f"{scenario.name}: its votes are not simulated one by one; write "
+                         "logs of scenarios without users, groups or viral copies")
+    data = traffic.arrays
+    assert data.bands is not None
+    events: list[dict[str, Any]] = []
+    run_key = str(run)
+    previous = None
+    for hour in range(HOURS):
+        share = float(data.planned_share[run, hour])
+        if share != previous:
+            events.append({"kind": "share", "run": run_key, "at": LOG_START + hour * 3600.0,
+                           "share": share})
+            previous = share
+    ids = _Ids()
+    for hour in range(HOURS):
+        for arm, suffix in (("active", "a"), ("candidate", "b")):
+            events += _hour_events(data, run, hour, arm, suffix, ids)
+    return events
+
+
+class _Ids:
+    """Fresh ids, and the users seen so far (returning users are drawn from them)."""
+
+    def __init__(self) -> None:
+        self.next = 0
+        self.seen: list[int] = []
+
+    def new(self) -> int:
+        self.next += 1
+        return self.next
+
+    def returning(self) -> int:
+        user = self.seen[self.next % len(self.seen)]
+        self.next += 1
+        return user
+
+
+def _hour_events(data: ExperimentArrays, run: int, hour: int, arm: str, suffix: str,
+                 ids: _Ids) -> list[dict[str, Any]]:
+    bands = data.bands
+    assert bands is not None
+    served = getattr(bands, f"served_{suffix}")[run, hour]
+    observed = getattr(bands, f"observed_{suffix}")[run, hour]
+    correct = getattr(bands, f"correct_{suffix}")[run, hour]
+    new_users = int(getattr(data, f"new_users_{suffix}")[run, hour])
+    up = int(getattr(data, f"up_{suffix}")[run, hour])
+    down = int(getattr(data, f"down_{suffix}")[run, hour])
+    base = LOG_START + hour * 3600.0
+    out: list[dict[str, Any]] = []
+    verdicts: list[int] = []
+    fresh: list[int] = []
+    count = 0
+    for band, (n, voted, right) in enumerate(zip(served.tolist(), observed.tolist(),
+                                                 correct.tolist(), strict=True)):
+        for k in range(n):
+            interaction = ids.new()
+            if count < new_users:
+                user = ids.new()
+                fresh.append(user)
+            else:
+                user = ids.returning() if ids.seen else fresh[count % len(fresh)]
+            at = base + 1.0 + count * 0.5 + (0.25 if suffix == "b" else 0.0)
+            count += 1
+            verdicts.append(interaction)
+            out.append({"kind": "verdict", "run": str(run), "at": at, "arm": arm,
+                        "interaction": interaction, "user": user, "text": f"t{interaction}",
+                        "label": "positive", "confidence": BAND_CONFIDENCE[band]})
+            if k < voted:
+                out.append({"kind": "vote", "run": str(run), "at": at + 1800.0,
+                            "interaction": interaction, "user": ids.new(),
+                            "correct": k < right})
+    ids.seen += fresh
+    for i, polarity in enumerate([1] * up + [-1] * down):
+        out.append({"kind": "reaction", "run": str(run), "at": base + 3000.0 + i * 0.1,
+                    "interaction": verdicts[i % len(verdicts)] if verdicts else 0,
+                    "user": ids.new(), "polarity": polarity})
+    return out

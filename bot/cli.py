@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "bot.experiment_cli",
     "bot.learning_cli",
     "bot.simulate_cli",
+    "bot.replay_cli",
 )
 
 

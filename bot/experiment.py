@@ -54,18 +54,26 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from analytics.credibility import group_texts
 from analytics.decide import (
+    BAND_EDGES,
     Action,
     Decision,
     DecisionConfig,
     ExperimentSnapshot,
     HourStats,
     Rule,
+    band_of,
     decide,
 )
-from analytics.stats import cap_vote_records, design_effect
+from analytics.observations import (
+    Observation,
+    VoteEvent,
+    cap_per_text_day,
+    clustered_design_effect,
+    observations,
+)
+from analytics.stats import cap_vote_records
 from bot import routing, versions
 from bot.prompts import PromptVersion
 from bot.store.db import Database
@@ -77,6 +85,8 @@ log = logging.getLogger(__name__)
 HOUR_S = 3600
 DAY_S = 86400
 ENGINE_ACTOR = "engine"
+# Texts this similar (Jaccard of character bigrams) are one cluster, as in credibility.
+NEAR_DUPLICATE = 0.7
 # Audit actions the share timeline reads: these set a candidate's share, all others end it.
 _SHARE_ACTIONS = ("canary", "restart")
 
@@ -91,6 +101,10 @@ class Experiment:
     # What the write is checked against: the state must still be this when it is applied.
     candidate: versions.VersionState
     active: versions.VersionState
+    # Per arm (active, candidate): votes cast after the per-user cap, and the observations
+    # (one per verdict, after the per-text cap) the engine counts.
+    raw_votes: tuple[int, int] = (0, 0)
+    observations: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -110,6 +124,10 @@ class Outcome:
     # Set when applying failed (the state is unchanged: each write is one transaction).
     error: str | None = None
     snapshot: ExperimentSnapshot | None = None
+    # Per arm (active, candidate): votes cast (after the per-user cap) and the
+    # observations the engine counts (one per verdict, after the per-text cap).
+    raw_votes: tuple[int, int] = (0, 0)
+    observations: tuple[int, int] = (0, 0)
 
     @property
     def action(self) -> Action:
@@ -135,6 +153,8 @@ class Outcome:
             "audit_id": self.audit_id, "error": self.error, "message": self.message,
             "next_step": texts.next_step(self.decision, self.reason),
             "stats": self.decision.stats_json(),
+            "observations": {"active": self.observations[0], "candidate": self.observations[1]},
+            "raw_votes": {"active": self.raw_votes[0], "candidate": self.raw_votes[1]},
         }
 
 
@@ -197,10 +217,17 @@ class _Hour:
     down: list[int]
     latency_n: list[int]
     latency_sum: list[float]
+    # [arm][band]: served verdicts, observations, correct observations.
+    band_served: list[list[int]]
+    band_observed: list[list[int]]
+    band_correct: list[list[int]]
 
     @classmethod
     def empty(cls) -> _Hour:
-        return cls([0, 0], [0, 0], [0, 0], [0, 0], 0.0, [0, 0], [0, 0], [0, 0], [0.0, 0.0])
+        width = len(BAND_EDGES) + 1
+        return cls([0, 0], [0, 0], [0, 0], [0, 0], 0.0, [0, 0], [0, 0], [0, 0], [0.0, 0.0],
+                    [[0] * width, [0] * width], [[0] * width, [0] * width],
+                    [[0] * width, [0] * width])
 
 
 def experiment_start(candidate: versions.VersionState, active: versions.VersionState) -> float:
@@ -226,10 +253,11 @@ async def build_experiment(
                  # outside their periods).
                  [v for v in timeline.changes if v not in (a_id, b_id)], timeline)
     hours: dict[int, _Hour] = defaultdict(_Hour.empty)
-    _count_served(hours, arms, await reader.served(a_id, b_id, start, end),
+    served = await reader.served(a_id, b_id, start, end)
+    _count_served(hours, arms, served,
                   await reader.first_interaction_ids(a_id, b_id, start, end))
-    per_user = _count_votes(hours, arms, await reader.votes(a_id, b_id, start, end),
-                            config.max_votes_per_user_day)
+    evidence = _observe(hours, arms, served, await reader.votes(a_id, b_id, start, end),
+                        config)
     _count_reactions(hours, arms, await reader.reply_reactions(a_id, b_id, start, end))
     version = prompt_versions.get(b_id)
     snapshot = ExperimentSnapshot(
@@ -239,11 +267,21 @@ async def build_experiment(
                                   timeline.max_concurrent(start, now)),
         content_changed=version is not None and candidate.content_hash not in (
             "", version.content_hash),
-        design_effect=_design_effect(per_user),
+        design_effect=evidence.design_effect, clusters=evidence.clusters,
         max_share=routing.room([s for s in deployment.slices() if s.version_id != b_id],
                                candidate.range_start),
     )
-    return Experiment(snapshot, start, candidate, active)
+    return Experiment(snapshot, start, candidate, active, evidence.raw_votes,
+                      evidence.observations)
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    design_effect: float
+    clusters: int
+    # Per arm: the votes cast (after the per-user cap) and the observations they make.
+    raw_votes: tuple[int, int]
+    observations: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -279,24 +317,45 @@ def _count_served(hours: dict[int, _Hour], arms: _Arms, rows: Sequence[ServedRow
             h.latency_sum[arm] += r.reply_latency_ms / 1000.0
 
 
-def _count_votes(hours: dict[int, _Hour], arms: _Arms, votes: Sequence[VoteRow],
-                 cap_per_day: int) -> dict[int, list[int]]:
-    """Votes in the hour they were cast, each voter's beyond the daily cap dropped; returns
-    per user [votes A, correct A, votes B, correct B] for the design effect."""
+def _observe(hours: dict[int, _Hour], arms: _Arms, served: Sequence[ServedRow],
+             votes: Sequence[VoteRow], config: DecisionConfig) -> _Evidence:
+    """Votes → one observation per verdict (see :mod:`analytics.observations`), filed in
+    the hour of its first vote; each voter's votes beyond the daily cap and each text
+    cluster's observations beyond its daily cap dropped."""
     keep = cap_vote_records([(v.user_id, int(v.created_at // DAY_S)) for v in votes],
-                            cap_per_day)
-    per_user: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-    for v, kept in zip(votes, keep, strict=True):
-        if not kept:
-            continue
-        arm = arms.index[v.version_id]
-        h = hours[int(v.created_at // HOUR_S)]
-        h.votes[arm] += 1
-        h.correct[arm] += int(v.correct)
-        counts = per_user[v.user_id]
-        counts[2 * arm] += 1
-        counts[2 * arm + 1] += int(v.correct)
-    return per_user
+                            config.max_votes_per_user_day)
+    kept = [v for v, k in zip(votes, keep, strict=True) if k]
+    arm_of = {r.id: arms.index[r.version_id] for r in served}
+    arm_of.update({v.interaction_id: arms.index[v.version_id] for v in kept})
+    band = {r.id: band_of(r.confidence) for r in served}
+    with_text = [r for r in served if r.text]
+    cluster_of = dict(zip((r.id for r in with_text),
+                          group_texts([r.text or "" for r in with_text], NEAR_DUPLICATE),
+                          strict=True))
+    obs = cap_per_text_day(
+        observations([VoteEvent(v.interaction_id, v.user_id, v.created_at, v.correct)
+                      for v in kept]),
+        cluster_of, arm_of, config.max_observations_per_text_day)
+    for r in served:
+        if r.verdict:
+            hours[int(r.created_at // HOUR_S)].band_served[arm_of[r.id]][band[r.id]] += 1
+    for o in obs:
+        _file(hours[int(o.at // HOUR_S)], arm_of[o.interaction], band.get(o.interaction, 0), o)
+    raw = [0, 0]
+    for v in kept:
+        raw[arm_of[v.interaction_id]] += 1
+    counted = [0, 0]
+    for o in obs:
+        counted[arm_of[o.interaction]] += 1
+    return _Evidence(clustered_design_effect(obs, arm_of, cluster_of),
+                     len({o.voter for o in obs}), (raw[0], raw[1]), (counted[0], counted[1]))
+
+
+def _file(h: _Hour, arm: int, band: int, o: Observation) -> None:
+    h.votes[arm] += 1
+    h.correct[arm] += int(o.correct)
+    h.band_observed[arm][band] += 1
+    h.band_correct[arm][band] += int(o.correct)
 
 
 def _count_reactions(hours: dict[int, _Hour], arms: _Arms,
@@ -327,15 +386,62 @@ def _strata(hours: Mapping[int, _Hour], arms: _Arms) -> tuple[HourStats, ...]:
             up_a=h.up[0], down_a=h.down[0], up_b=h.up[1], down_b=h.down[1],
             latency_n_a=h.latency_n[0], latency_sum_a=h.latency_sum[0],
             latency_n_b=h.latency_n[1], latency_sum_b=h.latency_sum[1],
+            bands_served_a=tuple(h.band_served[0]), bands_observed_a=tuple(h.band_observed[0]),
+            bands_correct_a=tuple(h.band_correct[0]), bands_served_b=tuple(h.band_served[1]),
+            bands_observed_b=tuple(h.band_observed[1]),
+            bands_correct_b=tuple(h.band_correct[1]),
         ))
     return tuple(strata)
 
 
-def _design_effect(per_user: Mapping[int, list[int]]) -> float:
-    if not per_user:
-        return 1.0
-    users = np.array(list(per_user.values()), dtype=np.float64)
-    return float(design_effect(users[:, 0], users[:, 1], users[:, 2], users[:, 3]))
+async def replay_events(
+    db: Database, prompt_versions: Mapping[str, PromptVersion], config: DecisionConfig,
+    now: float,
+) -> list[dict[str, Any]]:
+    """Every running test as the event log ``loopbot replay`` reads (one run per candidate):
+    the shares it was served at, its verdicts (the text as a cluster key, never the words),
+    votes and reply reactions, so the engine's decisions can be checked on real history."""
+    events: list[dict[str, Any]] = []
+    for exp in await build_experiments(db, prompt_versions, config, now):
+        events += await _run_events(db, exp, now)
+    return events
+
+
+async def _run_events(db: Database, exp: Experiment, now: float) -> list[dict[str, Any]]:
+    snap = exp.snapshot
+    run = snap.candidate_id
+    reader = ExperimentReader(db)
+    end = int(now // HOUR_S) * HOUR_S
+    timeline = ShareTimeline.from_audit(await versions.audit_log(db, limit=1_000_000))
+    others = [v for v in timeline.changes if v not in (snap.active_id, run)]
+    moments = sorted({exp.start, *(t for changes in timeline.changes.values()
+                                   for t, _ in changes if exp.start <= t < end)})
+    events: list[dict[str, Any]] = []
+    previous = None
+    for at in moments:
+        share = round(timeline.conditional_share(exp.candidate, others, at), 9)
+        if share != previous and 0 < share < 1:
+            events.append({"kind": "share", "run": run, "at": at, "share": share})
+            previous = share
+    served = await reader.served(snap.active_id, run, exp.start, end)
+    groups = group_texts([r.text or "" for r in served], NEAR_DUPLICATE)
+    for r, group in zip(served, groups, strict=True):
+        if r.verdict:
+            events.append({"kind": "verdict", "run": run, "at": r.created_at,
+                           "arm": "active" if r.version_id == snap.active_id else "candidate",
+                           "interaction": r.id, "user": r.user_id,
+                           "text": f"k{group}" if r.text else None,
+                           "confidence": r.confidence})
+    for v in await reader.votes(snap.active_id, run, exp.start, end):
+        events.append({"kind": "vote", "run": run, "at": v.created_at,
+                       "interaction": v.interaction_id, "user": v.user_id,
+                       "correct": v.correct})
+    for reaction in await reader.reply_reactions(snap.active_id, run, exp.start, end):
+        events.append({"kind": "reaction", "run": run, "at": reaction.at,
+                       "interaction": reaction.interaction_id, "user": reaction.user_id,
+                       "polarity": reaction.polarity})
+    events.sort(key=lambda e: float(e["at"]))
+    return events
 
 
 async def build_experiments(
@@ -475,5 +581,6 @@ async def analyze(
             reason=reason, applied=entry is not None, audit_id=entry.id if entry else None,
             message=texts.admin_message(snap, decision, reason, applied=entry is not None,
                                         dry_run=not apply, error=error, skipped=skipped),
-            error=error, snapshot=snap,
+            error=error, snapshot=snap, raw_votes=exp.raw_votes,
+            observations=exp.observations,
         ))

@@ -37,6 +37,8 @@ def _handler(args: argparse.Namespace) -> int:
         return run_from_args(args)
     if getattr(args, "check_gbstats", None):
         return _check_gbstats(args)
+    if getattr(args, "write_log", None):
+        return _write_log(args)
     if args.runs is None:
         args.runs = 1000
     if args.runs < 1:
@@ -62,6 +64,42 @@ def _handler(args: argparse.Namespace) -> int:
         print(table(report))
         print(f"\n{args.runs} runs per scenario and effect, seed {args.seed}, "
               f"{time.monotonic() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _write_log(args: argparse.Namespace) -> int:
+    """The simulation's own traffic as the event log ``loopbot replay`` reads (one scenario,
+    one effect), and the engine's first decision of each run on stderr's last line."""
+    import gzip
+
+    import numpy as np
+
+    from analytics.simulate import EFFECTS, run_events, simulate_traffic
+
+    names = args.scenarios or ["S1"]
+    runs = 20 if args.runs is None else args.runs
+    if len(names) != 1 or args.effect not in EFFECTS or runs < 1:
+        print("simulate: --write-log takes one --scenarios NAME, --effect "
+              f"{'|'.join(EFFECTS)} and --runs ≥ 1", file=sys.stderr)
+        return 2
+    config = DecisionConfig()
+    scenario = SCENARIOS[names[0]]
+    rng = np.random.default_rng([args.seed, list(SCENARIOS).index(names[0]),
+                                 list(EFFECTS).index(args.effect)])
+    traffic = simulate_traffic(scenario, EFFECTS[args.effect], runs, rng,
+                               config.max_votes_per_user_day,
+                               config.max_observations_per_text_day)
+    opener = gzip.open if args.write_log.endswith(".gz") else open
+    try:
+        with opener(args.write_log, "wt", encoding="utf-8") as out:
+            for run in range(runs):
+                for event in run_events(traffic, scenario, run):
+                    out.write(json.dumps(event) + "\n")
+    except ValueError as exc:
+        print(f"simulate: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {runs} runs of {names[0]} ({args.effect}) to {args.write_log}",
+          file=sys.stderr)
     return 0
 
 
@@ -102,6 +140,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), default=None,
                         metavar="NAME", help=f"subset of {', '.join(SCENARIOS)}")
+    parser.add_argument("--write-log", metavar="FILE", default=None,
+                        help="instead of the benchmark, write one scenario's simulated "
+                             "traffic as an event log for `loopbot replay` (.gz to compress)")
+    parser.add_argument("--effect", default="zero",
+                        help="with --write-log: zero, plus5, plus10 or minus5")
     parser.add_argument("--check-gbstats", metavar="PYTHON", default=None,
                         help="instead of the benchmark, compare its GrowthBook column with "
                              "gbstats 0.8.0 run by PYTHON (an interpreter of a separate "

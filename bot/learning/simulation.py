@@ -551,9 +551,12 @@ class _HourAcc:
         self.c[f"correct_{arm}"] += int(correct)
 
     def stats(self, hour: int, share: float) -> HourStats:
-        return HourStats(hour=hour, planned_share=share, **{
-            k: self.c[k] for k in ("votes_a", "correct_a", "votes_b", "correct_b", "served_a",
-                                   "served_b", "new_users_a", "new_users_b")})
+        c = self.c
+        return HourStats(
+            hour=hour, planned_share=share, votes_a=c["votes_a"], correct_a=c["correct_a"],
+            votes_b=c["votes_b"], correct_b=c["correct_b"], served_a=c["served_a"],
+            served_b=c["served_b"], new_users_a=c["new_users_a"],
+            new_users_b=c["new_users_b"])
 
 
 def _decide_hour(exp: _Experiment, hour: int, active: PromptVersion,

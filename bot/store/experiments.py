@@ -21,6 +21,10 @@ class ServedRow:
     created_at: float
     verdict: bool
     reply_latency_ms: float | None
+    # The verdict's probability (its confidence band) and the text (its cluster); None once
+    # erased by retention or /forget.
+    confidence: float | None = None
+    text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class VoteRow:
     correct: bool
     created_at: float
     version_id: str
+    interaction_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,8 @@ class ReactionRow:
     polarity: int
     at: float
     version_id: str
+    interaction_id: int = 0
+    user_id: int = 0
 
 
 class ExperimentReader:
@@ -47,13 +54,15 @@ class ExperimentReader:
     async def served(self, a_id: str, b_id: str, start: float, end: float) -> list[ServedRow]:
         rows = await self.db.fetchall(
             "SELECT id, user_id, version_id, created_at, label IS NOT NULL AS verdict,"
-            " reply_latency_ms FROM interactions"
+            " reply_latency_ms, confidence, text FROM interactions"
             " WHERE version_id IN (?, ?) AND created_at >= ? AND created_at < ?"
             " ORDER BY created_at, id", (a_id, b_id, start, end))
         return [ServedRow(int(r["id"]), int(r["user_id"]), str(r["version_id"]),
                           float(r["created_at"]), bool(r["verdict"]),
                           None if r["reply_latency_ms"] is None
-                          else float(r["reply_latency_ms"])) for r in rows]
+                          else float(r["reply_latency_ms"]),
+                          None if r["confidence"] is None else float(r["confidence"]),
+                          r["text"]) for r in rows]
 
     async def first_interaction_ids(self, a_id: str, b_id: str, start: float,
                                     end: float) -> dict[int, int]:
@@ -69,19 +78,20 @@ class ExperimentReader:
         """Votes cast before ``end`` on verdicts of the test, in the order they were cast."""
         rows = await self.db.fetchall(
             "SELECT v.user_id, COALESCE(v.first_correct, v.correct) AS correct, v.created_at,"
-            " i.version_id FROM votes v"
+            " i.version_id, v.interaction_id FROM votes v"
             " JOIN interactions i ON i.id = v.interaction_id"
             " WHERE i.version_id IN (?, ?) AND i.created_at >= ? AND v.created_at < ?"
             " ORDER BY v.created_at, v.id", (a_id, b_id, start, end))
         return [VoteRow(int(r["user_id"]), bool(r["correct"]), float(r["created_at"]),
-                        str(r["version_id"])) for r in rows]
+                        str(r["version_id"]), int(r["interaction_id"])) for r in rows]
 
     async def reply_reactions(self, a_id: str, b_id: str, start: float,
                               end: float) -> list[ReactionRow]:
         rows = await self.db.fetchall(
-            "SELECT r.first_polarity AS polarity, r.first_at AS at, i.version_id"
+            "SELECT r.first_polarity AS polarity, r.first_at AS at, i.version_id,"
+            " r.interaction_id, r.user_id"
             " FROM reactions r JOIN interactions i ON i.id = r.interaction_id"
             " WHERE r.kind = 'reply' AND r.first_polarity != 0 AND i.version_id IN (?, ?)"
             " AND i.created_at >= ? AND r.first_at < ?", (a_id, b_id, start, end))
-        return [ReactionRow(int(r["polarity"]), float(r["at"]), str(r["version_id"]))
-                for r in rows]
+        return [ReactionRow(int(r["polarity"]), float(r["at"]), str(r["version_id"]),
+                            int(r["interaction_id"]), int(r["user_id"])) for r in rows]

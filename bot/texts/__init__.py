@@ -82,6 +82,14 @@ _TEXTS: dict[str, dict[str, str]] = {
         ZH: "我现在太忙了，请稍后再试一次 🙏",
         EN: "I'm busy right now, please try again in a moment 🙏",
     },
+    "no_test_running": {
+        ZH: "现在没有正在进行的测试，没有可导出的事件。",
+        EN: "No test is running: there are no events to export.",
+    },
+    "events_caption": {
+        ZH: "{n} 个事件（loopbot replay 可读取的格式）",
+        EN: "{n} events, in the format `loopbot replay` reads",
+    },
     "group_busy": {
         ZH: "这个群里的消息太多了，我一时回复不过来：接下来的提问我先跳过，请稍后再 @ 我 🙏",
         EN: "Too many messages in this group for me right now: I'm skipping new ones for a "

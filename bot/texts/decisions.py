@@ -43,7 +43,7 @@ def reason(decision: Decision, snapshot: ExperimentSnapshot, config: DecisionCon
 
 
 def _arms(snap: ExperimentSnapshot, s: DecisionStats) -> str:
-    return (f"{snap.active_id} {pct(s.accuracy_a)} of {s.votes_a} votes vs "
+    return (f"{snap.active_id} {pct(s.accuracy_a)} of {s.votes_a} verdicts vs "
             f"{snap.candidate_id} {pct(s.accuracy_b)} of {s.votes_b}")
 
 
@@ -102,9 +102,23 @@ def _parity(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> 
             f"{s.parity_e:.3g}): holding, accuracy may be biased by who votes")
 
 
+def _propensity(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    ratio = s.vote_rate_ratio if s.vote_rate_ratio is not None else math.nan
+    return (f"vote behaviour differs between the arms: {snap.candidate_id}'s verdicts are "
+            f"voted on {ratio:.2f}× as often as {snap.active_id}'s (e-value {s.parity_e:.3g}), "
+            f"enough to fake or hide {100 * s.propensity_bias:.1f} accuracy points among "
+            f"voters; {_arms(snap, s)}; test frozen: neither promoted nor reverted")
+
+
+def _fading(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    return (f"E⁺ = {_e(s.e_plus)} clears the bar, but the last {cfg.persistence_hours:g} h "
+            f"alone do not point the same way (z = {s.recent_z:.2f}): holding, the advantage "
+            f"may have faded; {_arms(snap, s)}")
+
+
 def _min_votes(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
     return (f"E⁺ = {_e(s.e_plus)} clears the bar but an arm has fewer than "
-            f"{cfg.min_votes_per_arm} votes; {_arms(snap, s)}")
+            f"{s.min_votes:.0f} observations; {_arms(snap, s)}")
 
 
 def _ramp(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
@@ -122,6 +136,7 @@ _REASONS = {
     Rule.EVIDENCE_WORSE: _worse, Rule.EVIDENCE_BETTER: _better, Rule.HORIZON_MH: _horizon_mh,
     Rule.HORIZON_WORSE: _horizon_worse, Rule.HORIZON_RETIRE: _horizon_retire,
     Rule.STALE: _stale, Rule.PARITY: _parity, Rule.MIN_VOTES: _min_votes, Rule.RAMP: _ramp,
+    Rule.PROPENSITY: _propensity, Rule.FADING: _fading,
 }
 
 
@@ -150,7 +165,7 @@ def arm_lines(snapshot: ExperimentSnapshot, decision: Decision) -> list[str]:
             (snapshot.active_id, s.votes_a, s.correct_a, s.accuracy_a, s.interval_a),
             (snapshot.candidate_id, s.votes_b, s.correct_b, s.accuracy_b, s.interval_b)):
         interval = "" if accuracy is None else f" (95% CI {pct(low)}–{pct(high)})"
-        lines.append(f"{vid}: {votes} votes, {correct} correct, "
+        lines.append(f"{vid}: {votes} verdicts with feedback, {correct} correct, "
                      f"accuracy {pct(accuracy)}{interval}")
     lines.append(f"evidence for the candidate E⁺ = {s.e_plus:.3g} (promote at "
                  f"{s.promote_threshold:.0f}), against E⁻ = {s.e_minus:.3g} (revert at "

@@ -93,7 +93,7 @@ def test_scheduled_job_decides_messages_admins_and_matches_loopbot_analyze(
         harness.stop()
 
     (message,) = promoted
-    assert "E⁺ = " in message and "votes" in message and "→ v1-en now serves everyone" in message
+    assert "E⁺ = " in message and "verdicts" in message and "→ v1-en now serves everyone" in message
     assert sum("PROMOTE" in t and "NOT applied" not in t for t in _admin_texts(fake_api)) == 1
     job_entries = _audit(job_db)[before:]
     assert [(e[1], e[2], e[3]) for e in job_entries] == [("engine", "promote", B)]

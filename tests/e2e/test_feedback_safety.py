@@ -4,7 +4,9 @@ the library cannot read. The real bot over HTTP against the fake Bot API, real S
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -152,3 +154,61 @@ def test_an_update_the_library_cannot_read_is_skipped_once(
     mentions = [line for line in lines if f"update {poison['update_id']} " in line]
     assert len(mentions) == 1, mentions
     assert not [line for line in lines if "4711" in line]
+
+
+def _analyze(db: Path, capsys: pytest.CaptureFixture[str], at: float) -> dict[str, Any]:
+    from bot.cli import main
+
+    capsys.readouterr()
+    assert main(["analyze", "--json", "--dry-run", "--db", str(db), "--at", str(at)]) == 0
+    (outcome,) = json.loads(capsys.readouterr().out)["outcomes"]
+    assert isinstance(outcome, dict)
+    return outcome
+
+
+def test_fifty_votes_on_one_group_verdict_are_one_observation(
+        api: FakeBotAPI, bot: BotHarness, capsys: pytest.CaptureFixture[str]) -> None:
+    admin = api.user(ADMIN_ID)
+    before = len(api.calls_to("sendMessage", chat_id=str(ADMIN_ID)))
+    api.send_text(admin, "/canary v1-en 50")
+    api.wait_for(lambda: len(api.calls_to("sendMessage", chat_id=str(ADMIN_ID))) > before)
+    group = -100_777_000_333
+    verdict, _ = _answered(api, bot, api.user(65_000), "we all have an opinion on this",
+                           chat_id=group)
+    # The votes fall into the next hour's stratum; analyse once that hour has closed.
+    later = time.time() + 2 * 3600
+    untouched = _analyze(bot.db_path, capsys, later)
+    data = verdict["reply_markup"]["inline_keyboard"][0][1]["callback_data"]
+    members = [api.user(66_000 + n) for n in range(50)]
+    for member in members:
+        api.push({"callback_query": {"id": f"m{member['id']}", "from": member,
+                                     "message": verdict, "chat_instance": "g", "data": data}})
+    api.wait_for(lambda: bot.query("SELECT COUNT(*) FROM votes WHERE user_id >= 66000"
+                                   " AND user_id < 66050") == [(50,)], timeout=30)
+    voted = _analyze(bot.db_path, capsys, later)
+    arm = "active" if bot.query(
+        "SELECT arm FROM interactions WHERE chat_id = ?", (group,)) == [("active",)] else (
+        "candidate")
+    # 50 votes were cast on the verdict; the engine counts one observation.
+    assert voted["raw_votes"][arm] == 50
+    assert voted["observations"][arm] == 1
+    print(f"analyze --json: raw_votes {voted['raw_votes']}, observations "
+          f"{voted['observations']}")
+    # ... and decides as it did without them.
+    assert (voted["action"], voted["rule"]) == (untouched["action"], untouched["rule"])
+    # The running test as an event log, which `loopbot replay` reads.
+    sent = len(api.calls_to("sendDocument", chat_id=str(ADMIN_ID)))
+    api.send_text(admin, "/export events")
+    (call,) = api.wait_for(lambda: api.calls_to("sendDocument", chat_id=str(ADMIN_ID))[sent:])
+    name, data = call.files["document"]
+    log = bot.db_path.parent / name
+    log.write_bytes(data)
+    from bot.cli import main
+
+    capsys.readouterr()
+    assert main(["replay", str(log), "--json"]) == 0
+    replayed = json.loads(capsys.readouterr().out)["runs"]
+    assert set(replayed) == {"v1-en"} and replayed["v1-en"]["reason"]
+    api.send_text(admin, "/retire v1-en")
+    api.wait_for(lambda: bot.query(
+        "SELECT state FROM prompt_versions WHERE id = 'v1-en'") == [("retired",)])

@@ -218,14 +218,18 @@ def test_slower_candidate_reverts() -> None:
     assert "2.22× slower" in why(d, d_snap)
 
 
-def test_vote_rate_disparity_holds_promotion() -> None:
-    # Same verdicts served, but the candidate's verdicts are voted on 2.5× less often.
+def test_vote_rate_disparity_freezes_the_test() -> None:
+    # Same verdicts served, but the candidate's verdicts are voted on 5× less often: who
+    # votes differs too much to trust accuracy among voters, in either direction.
     rows = hours_of(48, correct_a=14, correct_b=4, votes=4)
     rows = [dataclasses.replace(r, votes_a=20, correct_a=14) for r in rows]
     d_snap = snap(rows)
     d = decide(d_snap, CFG)
-    assert d.action == "hold" and d.rule == "parity"
+    assert d.action == "freeze" and d.rule == "propensity"
     assert stats_of(d).vote_rate_ratio == pytest.approx(0.2)
+    assert stats_of(d).propensity_bias >= CFG.propensity_tolerance
+    text = why(d, d_snap)
+    assert "vote" in text and "0.20×" in text and "points" in text
 
 
 def test_partial_and_foreign_hours_are_ignored() -> None:

@@ -50,6 +50,12 @@ async def start_test(db: Database, catalog: dict[str, PromptVersion], *, share: 
                               now=at)
 
 
+def text_of(message_id: int) -> str:
+    """A text of its own per message (people write different things; equal texts are one
+    cluster to the engine)."""
+    return "".join(chr(0x4E00 + (message_id * 7919 + k * 104_729) % 20_000) for k in range(8))
+
+
 async def add_interaction(
     conn: object, *, user: int, version: str, at: float, message_id: int,
     vote: bool | None = None, voter: int | None = None, vote_at: float | None = None,
@@ -64,8 +70,8 @@ async def add_interaction(
     cur = await conn.execute(
         "INSERT INTO interactions (created_at, chat_id, user_id, message_id, text, version_id,"
         " arm, bucket, label, probabilities, reply_latency_ms)"
-        " VALUES (?, ?, ?, ?, 'hi', ?, ?, 0, 'positive', '{}', ?)",
-        (at, user, user, message_id, version, arm, latency_ms))
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 0, 'positive', '{}', ?)",
+        (at, user, user, message_id, text_of(message_id), version, arm, latency_ms))
     iid = cur.lastrowid
     if vote is not None:
         when = at + 30 if vote_at is None else vote_at
@@ -212,7 +218,7 @@ async def test_engine_promotes_a_better_candidate_with_one_audit_entry(
     assert entry.stats["decision"] == "promote" and entry.stats["e_plus"] >= 500
     assert entry.stats["votes_b"] >= 100
     # The admin message carries the numbers behind the decision.
-    assert "E⁺" in out.message and f"{entry.stats['votes_b']} votes" in out.message
+    assert "E⁺" in out.message and f"{entry.stats['votes_b']} verdicts" in out.message
     # Nothing left to decide: a second run writes nothing.
     assert await experiment.analyze(db, catalog, DecisionConfig(),
                                     now=T0 + 30 * 3600 + 120) == []

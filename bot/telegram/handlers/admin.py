@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import gzip
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
@@ -224,6 +226,11 @@ MAX_UPLOAD_BYTES = 49 * 1024 * 1024
 @admin_only
 async def export(update: Update, context: BotContext, message: Message,
                  service: Service, lang: str) -> None:
+    """/export: every vote as CSV; /export events: the running tests as the event log
+    ``loopbot replay`` reads."""
+    if (context.args or [""])[0].lower() == "events":
+        await _export_events(message, service, lang)
+        return
     data, rows = await service.export_votes_csv()
     if rows <= 0:
         await message.reply_text(texts.t("no_votes", lang), do_quote=False)
@@ -238,6 +245,20 @@ async def export(update: Update, context: BotContext, message: Message,
         return
     await message.reply_document(InputFile(data, filename=name),
                                  caption=texts.t("export_caption", lang, n=rows), do_quote=False)
+
+
+async def _export_events(message: Message, service: Service, lang: str) -> None:
+    events = await experiment.replay_events(service.store.db, service.versions,
+                                            service.settings.experiment, time.time())
+    if not events:
+        await message.reply_text(texts.t("no_test_running", lang), do_quote=False)
+        return
+    lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events)
+    data = await asyncio.to_thread(gzip.compress, lines.encode("utf-8"))
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M")
+    await message.reply_document(InputFile(data, filename=f"loopbot-events-{stamp}.jsonl.gz"),
+                                 caption=texts.t("events_caption", lang, n=len(events)),
+                                 do_quote=False)
 
 
 @admin_only
