@@ -1,9 +1,16 @@
-"""``loopbot bench``: verdict latency with and without the prefix cache, against the floor.
+"""``loopbot bench``: verdict latency with and without the prefix cache, against the floor;
+decode speed alone and batched; memory.
 
 Everything is measured side by side in one run on one model, interleaved message by message,
 so the ratios hold whatever else the machine is doing. The floor is one bare llama.cpp
 evaluation, from the same cached state, of exactly the tokens a verdict must evaluate after
-its cached prefix: the cached verdict cannot go below it.
+its cached prefix: the cached verdict cannot go below it. Decoding is measured for one reply
+alone and for ``model.parallel_replies`` replies at once (alternated), counting only the time
+of decode steps. ``rss_mb`` is this process's peak resident memory (``VmHWM``) while it holds
+what ``loopbot run`` holds: the same model contexts (after a full batch of replies), the
+Telegram application and its libraries, an open database.
+
+``--load N`` drives ``loopbot run`` itself instead (:mod:`bot.bench_load_cli`).
 """
 
 from __future__ import annotations
@@ -12,16 +19,22 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from bot.bench_load_cli import peak_rss_mb
 from bot.config import ModelConfig, Settings, load_settings, prompts_directory
 from bot.llm.backends.base import Backend
 from bot.prompts import PromptVersion, load_directory
+
+if TYPE_CHECKING:
+    from bot.llm.runtime import ModelRuntime
 
 # Typical chat-length messages, Chinese and English, as users send them.
 MESSAGES = (
@@ -41,15 +54,15 @@ MESSAGES = (
 
 
 def default_bench_model(settings: Settings) -> Path:
-    """The qwen1.5-0.5b-shaped Q8_0 test model, built once in the cache folder."""
-    from bot.llm.testmodel import make_test_model
-
+    """The qwen1.5-0.5b-shaped Q8_0 test model, built once in the cache folder (by a child
+    process, so that building it does not count in this process's peak memory)."""
     cache = Path(os.environ.get("LOOPBOT_CACHE", "~/.cache/loopbot")).expanduser() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / "qwen1.5-0.5b-shape-q8_0.gguf"
     if not path.exists():
         print(f"building the benchmark model {path} (once)...", file=sys.stderr)
-        make_test_model(path, shape="qwen1.5-0.5b", quant="q8_0")
+        subprocess.run([sys.executable, "-m", "bot", "model", "make-test", str(path),
+                        "--shape", "qwen1.5-0.5b", "--quant", "q8_0"], check=True)
     return path
 
 
@@ -57,71 +70,102 @@ def _p50(values: list[float]) -> float:
     return statistics.median(values)
 
 
+async def _hold_what_the_bot_holds(folder: Path) -> Any:
+    """What ``loopbot run`` holds besides the model: its libraries (Telegram, the decision
+    engine, charts), the Application and an open database. The runtime is the bot's own."""
+    from bot.store.db import Database
+    from bot.telegram.app import build_application
+
+    settings = load_settings(None, env={"TELEGRAM_BOT_TOKEN": "1:bench"},
+                             overrides={"storage.db": str(folder / "bench.db")})
+    app = build_application(settings)
+    db = await Database.open(folder / "bench.db")
+    return app, db
+
+
 async def measure(model_path: Path, config: ModelConfig, version: PromptVersion, *,
                   rounds: int, decode_tokens: int) -> dict[str, Any]:
     from bot.llm.runtime import ModelRuntime
 
-    runtime = ModelRuntime(model_path, config)
-    await runtime.start()
-    try:
-        prefix_tokens = await runtime.call(
-            lambda b: b.prepare(version))  # type: ignore[attr-defined]
-        cached: list[float] = []
-        uncached: list[float] = []
-        floor: list[float] = []
-        query_tokens: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="loopbot-bench-") as tmp:
+        app, db = await _hold_what_the_bot_holds(Path(tmp))
+        runtime = ModelRuntime(model_path, config)
+        await runtime.start()
+        try:
+            result = await _measure(runtime, version, rounds=rounds,
+                                    decode_tokens=decode_tokens)
+        finally:
+            await runtime.close()
+            await db.close()
+        del app
+    return {"model": str(model_path), "threads": config.n_threads or os.cpu_count(),
+            "kv_cache_type": config.kv_cache_type, **result,
+            "rss_mb": round(peak_rss_mb(), 1)}
 
-        def bare_eval(backend: Backend, text: str) -> float:
-            tokens, _ = backend.query_tokens(text)  # type: ignore[attr-defined]
-            query_tokens.append(len(tokens))
-            started = time.perf_counter()
-            backend.raw_decode(version, tokens)  # type: ignore[attr-defined]
-            return (time.perf_counter() - started) * 1000.0
 
-        # Warm-up: page the weights in and settle the thread pool.
-        for text in MESSAGES[:2]:
-            await runtime.classify(version, text)
-            await runtime.call(lambda b, t=text: bare_eval(b, t))  # type: ignore[misc]
-        query_tokens.clear()
-        for i in range(rounds):
-            text = MESSAGES[i % len(MESSAGES)]
-            # Alternate the order so neither measurement always follows the other.
-            order = ("cached", "floor", "uncached") if i % 2 else ("floor", "cached", "uncached")
-            for kind in order:
-                if kind == "cached":
-                    started = time.perf_counter()
-                    await runtime.classify(version, text)
-                    cached.append((time.perf_counter() - started) * 1000.0)
-                elif kind == "floor":
-                    floor.append(await runtime.call(
-                        lambda b, t=text: bare_eval(b, t)))  # type: ignore[misc]
-                else:
-                    started = time.perf_counter()
-                    await runtime.classify(version, text, use_cache=False)
-                    uncached.append((time.perf_counter() - started) * 1000.0)
+async def _measure(runtime: ModelRuntime, version: PromptVersion, *, rounds: int,
+                   decode_tokens: int) -> dict[str, Any]:
+    prefix_tokens = await runtime.call(
+        lambda b: b.prepare(version))  # type: ignore[attr-defined]
+    cached: list[float] = []
+    uncached: list[float] = []
+    floor: list[float] = []
+    query_tokens: list[int] = []
 
-        def decode_speed(backend: Backend) -> tuple[int, float]:
-            from dataclasses import replace
+    def bare_eval(backend: Backend, text: str) -> float:
+        tokens, _ = backend.query_tokens(text)  # type: ignore[attr-defined]
+        query_tokens.append(len(tokens))
+        started = time.perf_counter()
+        backend.raw_decode(version, tokens)  # type: ignore[attr-defined]
+        return (time.perf_counter() - started) * 1000.0
 
-            gen_version = replace(version, generation=replace(
-                version.generation, max_tokens=decode_tokens, temperature=0.0))
-            first: float | None = None
-            count = 0
-            for _ in backend.generate(gen_version, [], MESSAGES[0]):
-                count += 1
-                if first is None:
-                    first = time.perf_counter()
-            elapsed = time.perf_counter() - (first or time.perf_counter())
-            return count, elapsed
+    # Warm-up: page the weights in and settle the thread pool.
+    for text in MESSAGES[:2]:
+        await runtime.classify(version, text)
+        await runtime.call(lambda b, t=text: bare_eval(b, t))  # type: ignore[misc]
+    query_tokens.clear()
+    for i in range(rounds):
+        text = MESSAGES[i % len(MESSAGES)]
+        # Alternate the order so neither measurement always follows the other.
+        order = ("cached", "floor", "uncached") if i % 2 else ("floor", "cached", "uncached")
+        for kind in order:
+            if kind == "cached":
+                started = time.perf_counter()
+                await runtime.classify(version, text)
+                cached.append((time.perf_counter() - started) * 1000.0)
+            elif kind == "floor":
+                floor.append(await runtime.call(
+                    lambda b, t=text: bare_eval(b, t)))  # type: ignore[misc]
+            else:
+                started = time.perf_counter()
+                await runtime.classify(version, text, use_cache=False)
+                uncached.append((time.perf_counter() - started) * 1000.0)
 
-        n_tok, seconds = await runtime.call(decode_speed, timeout=600)
-    finally:
-        await runtime.close()
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    # Decoding: one reply alone, then as many at once as the runtime generates together,
+    # each the same number of tokens; the rate counts only the decode steps' time.
+    gen_version = replace(version, generation=replace(
+        version.generation, max_tokens=decode_tokens, temperature=0.0))
+
+    async def decode_rate(count: int) -> tuple[float, int]:
+        totals = runtime.reply_totals
+        tokens, seconds = totals.decode_tokens, totals.decode_s
+        replies = await asyncio.gather(*[
+            runtime.reply(gen_version, [], MESSAGES[i % len(MESSAGES)], timeout=600)
+            for i in range(count)])
+        await runtime.call(lambda b: None)  # the worker has logged the busy period
+        tokens, seconds = totals.decode_tokens - tokens, totals.decode_s - seconds
+        return (tokens / seconds if seconds > 0 else 0.0), sum(r.tokens for r in replies)
+
+    # Alternated twice: whatever else the machine does weighs on both alike.
+    parallel = runtime.parallel_replies
+    singles, batches = [], []
+    for _ in range(2):
+        rate, n_tok = await decode_rate(1)
+        singles.append(rate)
+        batches.append((await decode_rate(parallel))[0])
+    single, batched = statistics.fmean(singles), statistics.fmean(batches)
     verdict = _p50(cached)
     return {
-        "model": str(model_path),
-        "threads": config.n_threads or os.cpu_count(),
         "prompt_version": version.id,
         "prefix_tokens": prefix_tokens,
         "query_tokens_mean": statistics.fmean(query_tokens),
@@ -131,9 +175,11 @@ async def measure(model_path: Path, config: ModelConfig, version: PromptVersion,
         "floor_ms_p50": round(_p50(floor), 3),
         "verdict_over_floor": round(verdict / _p50(floor), 3),
         "uncached_over_cached": round(_p50(uncached) / verdict, 3),
-        "decode_tok_s": round((n_tok - 1) / seconds, 2) if n_tok > 1 and seconds > 0 else 0.0,
+        "decode_tok_s": round(single, 2),
         "decode_tokens": n_tok,
-        "rss_mb": round(rss_mb, 1),
+        "parallel_replies": parallel,
+        "decode_tok_s_batched": round(batched, 2),
+        "decode_speedup": round(batched / single, 3) if single > 0 else 0.0,
     }
 
 
@@ -146,14 +192,33 @@ def run(args: argparse.Namespace) -> int:
     if version_id not in versions:
         print(f"loopbot bench: no prompt version '{version_id}'", file=sys.stderr)
         return 2
-    result = asyncio.run(measure(model, settings.model, versions[version_id],
-                                 rounds=args.rounds, decode_tokens=args.decode_tokens))
+    if args.load:
+        from bot.bench_load_cli import run_load
+
+        result = run_load(model, prompts_directory(settings), messages=MESSAGES, chats=args.load,
+                          rounds=args.rounds or 2,
+                          threads=settings.model.n_threads or os.cpu_count() or 1,
+                          parallel_replies=args.parallel_replies,
+                          baseline=not args.no_baseline, conversations=args.conversations,
+                          extra_settings={"model": _model_settings(settings)})
+    else:
+        result = asyncio.run(measure(model, settings.model, versions[version_id],
+                                     rounds=args.rounds or 24,
+                                     decode_tokens=args.decode_tokens))
     if args.json:
         print(json.dumps(result))
     else:
         for key, value in result.items():
             print(f"{key:>24}: {value}")
     return 0
+
+
+def _model_settings(settings: Settings) -> dict[str, Any]:
+    """The model settings of this run (its --config), for the bots under load."""
+    from dataclasses import asdict
+
+    skip = {"path", "model_dir", "fetch_repo", "fetch_file", "fetch_sha256", "fetch_base_url"}
+    return {k: v for k, v in asdict(settings.model).items() if k not in skip}
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -164,8 +229,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         "once in ~/.cache/loopbot/bench)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--prompt", default=None, help="prompt version id")
-    parser.add_argument("--rounds", type=int, default=24, help="messages per measurement")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="messages per measurement (default 24); with --load, the rounds "
+                        "in which every chat writes once (default 2)")
     parser.add_argument("--decode-tokens", type=int, default=48,
                         help="tokens generated for the decode-speed measurement")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--load", type=int, default=0, metavar="N",
+                        help="load test: N chats write to `loopbot run` (against a fake Bot "
+                        "API) at once, each round; compared with the sequential baseline")
+    parser.add_argument("--parallel-replies", type=int, default=None,
+                        help="with --load: model.parallel_replies of the bot under test "
+                        "(default: the configured value)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="with --load: skip the sequential baseline (parallel_replies 1)")
+    parser.add_argument("--conversations", action="store_true",
+                        help="with --load: the same chats write every round (their history "
+                        "grows) instead of new chats each round")
     parser.set_defaults(func=run)

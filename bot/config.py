@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -71,8 +71,25 @@ class ModelConfig:
     backend: str = "llama_cpp"
     # CPU threads for inference; 0 = all cores.
     n_threads: int = 0
-    # Context size (tokens) of each of the two contexts (verdicts, chat replies).
+    # The most tokens one reply's prompt and answer may take (older turns are dropped to fit).
     n_ctx: int = 2048
+    # Replies generated together, one sequence each, one token for all of them per step (on 2
+    # cores a step of 8 costs ~4x a step of 1: twice the tokens per second); 1 = one reply
+    # after another; 0 = sized for this machine (4 per CPU thread, from 4 to 16).
+    parallel_replies: int = 0
+    # KV cache cells (tokens) shared by the replies in progress; a reply waits until the
+    # replies before it leave room for its prompt and answer. 0 = 256 per parallel reply, at
+    # least n_ctx. Each cell costs ~52 kB in q8_0 on Qwen1.5-0.5B (24 layers x 1024 x K, V).
+    reply_kv_tokens: int = 0
+    # KV cache cells of the verdict context: the prompt versions' cached prefixes and the
+    # message being classified. The least recently used prefix is dropped when a message needs
+    # its room; a message longer than what fits is cut.
+    verdict_kv_tokens: int = 768
+    # Prompt tokens of a newly arrived reply evaluated between two decode steps (so that the
+    # replies in progress are not stalled by a long prompt).
+    prefill_chunk_tokens: int = 64
+    # KV cache type of both contexts: "q8_0" (half the memory of f16) or "f16".
+    kv_cache_type: Literal["q8_0", "f16"] = "q8_0"
     # Prompt versions whose prefix KV state stays cached.
     prefix_cache_versions: int = 4
     # A caller waiting longer than this gets an error; the worker keeps serving.

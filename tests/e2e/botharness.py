@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from bot.config import Settings, load_settings
+from bot.devtools.fakebotapi import FakeBotAPI
 from bot.telegram.app import build_application, run_polling
-from tests.fakebotapi import FakeBotAPI
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_ID = 4242

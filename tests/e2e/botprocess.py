@@ -8,7 +8,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from tests.fakebotapi import FakeBotAPI
+from bot.devtools.fakebotapi import FakeBotAPI
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from bot.devtools.fakebotapi import FakeBotAPI
 from tests.e2e.botharness import BotHarness
-from tests.fakebotapi import FakeBotAPI
 
 
 @pytest.fixture(scope="module")

@@ -42,3 +42,53 @@ def test_cached_verdict_is_near_the_floor_on_qwen_shapes(qwen_q8: Path) -> None:
         result = asyncio.run(measure(qwen_q8, ModelConfig(n_threads=2), version, rounds=24,
                                      decode_tokens=4))
     assert holds(result), result
+
+
+def test_load_bench_drives_the_real_bot_side_by_side(tiny_gguf: Path) -> None:
+    """`loopbot bench --load`: two `loopbot run` processes against fake Bot APIs, every chat
+    answered, the figures of both and their ratios reported."""
+    from bot.bench import MESSAGES
+    from bot.bench_load_cli import run_load
+
+    result = run_load(tiny_gguf, PROMPTS, messages=MESSAGES, chats=4, rounds=2, threads=2,
+                      parallel_replies=4, baseline=True)
+    seq = result["sequential"]
+    for figures in (result, seq):
+        assert figures["complete"] == figures["messages"] == 8
+        assert figures["busy"] == figures["timeouts"] == figures["unanswered"] == 0
+        assert 0 < figures["verdict_p50_s"] <= figures["verdict_max_s"]
+        assert 0 < figures["reply_p50_s"] <= figures["reply_max_s"]
+        assert figures["decode_tok_s_aggregate"] > 0 and figures["rss_mb"] > 0
+    assert result["parallel_replies"] == 4 and seq["parallel_replies"] == 1
+    assert result["max_active_replies"] > 1 and seq["max_active_replies"] == 1
+    assert result["reply_max_over_sequential"] > 0 and result["decode_speedup"] > 0
+
+
+@pytest.mark.slow
+def test_a_batched_step_computes_what_each_sequence_computes_alone_on_qwen_shapes(
+        qwen_q8: Path) -> None:
+    """On the Q8_0 model with Qwen's shapes, a row of a batched decode step and the same
+    sequence's row decoded alone are equal to the last bit: llama.cpp's Q8_0 matrix products
+    quantize each activation row on its own and sum in integers, whatever the batch."""
+    from bot.config import ModelConfig as Config
+    from bot.llm.backends.llama_cpp import LlamaCppBackend
+    from bot.llm.runtime import open_backend
+
+    version = load_directory(PROMPTS)["v1-zh"]
+    backend = open_backend(qwen_q8, Config(n_threads=2, parallel_replies=8))
+    try:
+        assert isinstance(backend, LlamaCppBackend)
+        ctx = backend.chat
+        texts = ("你好", "今天天气不错", "I love it", "这家店太差了", "讲个故事吧", "what?",
+                 "快递太慢了", "谢谢")
+        prompts = [backend.chat_tokens(version, [], text) for text in texts]
+        for seq, prompt in enumerate(prompts):
+            ctx.decode(prompt, 0, seq)
+        ctx.decode_rows([(100, len(p), seq, True) for seq, p in enumerate(prompts)])
+        together = [ctx.logits(i).copy() for i in range(len(prompts))]
+        for seq, prompt in enumerate(prompts):
+            ctx.trim(seq, len(prompt))
+            ctx.decode_rows([(100, len(prompt), seq, True)])
+            assert (ctx.logits(0) == together[seq]).all(), seq
+    finally:
+        backend.close()

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from bot import experiment_cli, versions
+from bot.devtools.fakebotapi import FakeBotAPI
 from bot.prompts import load_directory
 from bot.store.db import Database
 from bot.telegram import jobs
 from tests.e2e.botharness import ADMIN_ID, ROOT, BotHarness
-from tests.fakebotapi import FakeBotAPI
 from tests.unit.test_experiment import B, fill, start_test
 
 HOURS = 30

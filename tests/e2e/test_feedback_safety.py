@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from bot.devtools.fakebotapi import FakeBotAPI
 from tests.e2e.botharness import ADMIN_ID, BotHarness
-from tests.fakebotapi import FakeBotAPI
 
 GROUP = -100_777_000_222
 BOT = "@loopbot_test_bot"

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bot.devtools.fakebotapi import FakeBotAPI
 from tests.e2e.botharness import ROOT, BotHarness
-from tests.fakebotapi import FakeBotAPI
 
 
 @pytest.fixture(scope="module")

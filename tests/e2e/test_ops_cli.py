@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.fakebotapi import FakeBotAPI
+from bot.devtools.fakebotapi import FakeBotAPI
 
 ROOT = Path(__file__).resolve().parents[2]
 

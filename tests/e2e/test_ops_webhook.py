@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from bot.config import Settings, load_settings
+from bot.devtools.fakebotapi import FakeBotAPI
 from bot.telegram.app import build_application, run_polling, run_webhook
 from bot.telegram.ops_hooks import ops_post_init
-from tests.fakebotapi import FakeBotAPI
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "right_Secret-token-123"

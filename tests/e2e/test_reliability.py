@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from bot.devtools.fakebotapi import Call, FakeBotAPI
 from tests.e2e.botprocess import start_bot, stop_bot
-from tests.fakebotapi import Call, FakeBotAPI
 
 GROUP = -100_555_000_111
 BOT = "@loopbot_test_bot"

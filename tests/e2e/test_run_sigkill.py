@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bot import cli
-from tests.fakebotapi import FakeBotAPI
+from bot.devtools.fakebotapi import FakeBotAPI
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN = 777

@@ -13,8 +13,8 @@ import time
 from functools import partial
 from typing import Any
 
+from bot.devtools.fakebotapi import FakeBotAPI
 from tests.e2e.botharness import ADMIN_ID, BotHarness
-from tests.fakebotapi import FakeBotAPI
 
 VERDICT_RE = re.compile(r"(😊 正面|😞 负面|😊 positive|😞 negative) · \d{1,3}%")
 STALE_EN = "This button is no longer valid; nothing was recorded."

@@ -1,4 +1,5 @@
-"""A fake Telegram Bot API server on loopback, for driving the real bot over HTTP.
+"""A fake Telegram Bot API server on loopback, for driving the real bot over HTTP
+(``loopbot bench --load`` drives ``loopbot run`` against it; the tests use it too).
 
 It answers the methods python-telegram-bot calls (getMe, getUpdates with long polling,
 sendMessage, editMessageText, editMessageReplyMarkup, answerCallbackQuery, sendChatAction,
