@@ -24,6 +24,11 @@ The policy at each hourly look, in order (first match wins):
 2. sample-ratio mismatch on *new users* per arm (always-valid, α_srm, and a deviation of at
    least ``srm_min_relative_deviation``) → **freeze**: the split is broken, so every
    comparison is suspect until a person looks;
+2b. the arms' verdicts were not all scored by one and the same scorer (an arm mixes model
+   files or servers, or the two arms' differ) → hold with rule ``SCORER_MISMATCH``, whatever
+   the rules below say: the same prompt gives different probabilities on another model, so
+   neither the accuracy nor the confidence bands of the two arms are comparable. Checked by
+   :func:`decide` from the snapshot's per-arm scorer counts (the vectorised core has none);
 3. 👎 share on chat replies clearly higher (always-valid e-process at α_reactions/K *and* a
    ratio ≥ ``reaction_max_ratio``) or mean latency ratio ≥ ``latency_max_ratio`` → **revert**;
 4. E⁻ ≥ K/alpha_revert_sequential → **revert**;
@@ -55,7 +60,7 @@ because the e-process multiplies one factor per closed stratum.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -108,6 +113,9 @@ class Rule(StrEnum):
     FADING = "fading"  # E⁺ crossed, but the recent hours alone do not point the same way
     # Set by the bot, not by the policy: the candidate has no prompt file to analyse.
     MISSING_FILE = "missing_file"
+    # Set by decide() from the snapshot's scorers, not by the vectorised policy: the arms'
+    # verdicts were scored by different scorers (model files or servers): held, not decided.
+    SCORER_MISMATCH = "scorer_mismatch"
 
 
 # The vectorised core codes actions and rules as small ints: index into these tuples.
@@ -119,7 +127,8 @@ PARITY_EVIDENCE_AT_DECISION = 10.0
 MIN_VOTES_FLOOR = 20
 # Actions that end the experiment (the simulation stops a run at the first one).
 TERMINAL = (PROMOTE, REVERT, RETIRE, FREEZE)
-RULES: tuple[Rule, ...] = tuple(r for r in Rule if r is not Rule.MISSING_FILE)
+RULES: tuple[Rule, ...] = tuple(r for r in Rule
+                               if r not in (Rule.MISSING_FILE, Rule.SCORER_MISMATCH))
 _RULE = {rule: i for i, rule in enumerate(RULES)}
 
 
@@ -800,6 +809,11 @@ class ExperimentSnapshot:
     # Independent clusters (distinct voters) so far: the horizon test's degrees of freedom
     # (None: no correction).
     clusters: int | None = None
+    # Per arm: which scorer produced the verdicts the evidence counts (its observations) and
+    # how many each, e.g. {"gguf:qwen.gguf:1a2b3c4d5e6f7a8b": 120}. Empty when the caller
+    # does not know (the simulation, a replay): then nothing is checked.
+    scorers_a: Mapping[str, int] = field(default_factory=dict)
+    scorers_b: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -948,6 +962,28 @@ def _snapshot_bands(snapshot: ExperimentSnapshot, hours: int) -> VoteBands | Non
                      correct_b=arrays["bands_correct_b"])
 
 
+# How the store names verdicts stored before scorers were recorded, and how in-process
+# scorers are named ("gguf:<file>:<sha256 prefix>").
+UNRECORDED_SCORER = "unrecorded"
+LOCAL_SCORER_PREFIX = "gguf:"
+
+
+def scorers_differ(scorers_a: Mapping[str, int], scorers_b: Mapping[str, int]) -> bool:
+    """Whether two arms' verdicts were scored differently: an arm has verdicts from more than
+    one scorer, or each arm has one and they are not the same. An arm without any verdict
+    counted yet says nothing about the other."""
+    a = {name for name, n in scorers_a.items() if n > 0}
+    b = {name for name, n in scorers_b.items() if n > 0}
+    # Verdicts stored before scorers were recorded came from the only scorer there was then,
+    # a GGUF in process: they are that arm's one in-process scorer, if it has exactly one (an
+    # upgrade in the middle of a test is not a change of scorer; a move to a server is).
+    local = {name for name in a | b if name.startswith(LOCAL_SCORER_PREFIX)}
+    if len(local) == 1:
+        a = {next(iter(local)) if name == UNRECORDED_SCORER else name for name in a}
+        b = {next(iter(local)) if name == UNRECORDED_SCORER else name for name in b}
+    return len(a) > 1 or len(b) > 1 or (len(a) == 1 and len(b) == 1 and a != b)
+
+
 def decide(snapshot: ExperimentSnapshot, config: DecisionConfig) -> Decision:
     """The decision at ``snapshot.now_hour`` (the same code path the simulation measures)."""
     k = max(1, snapshot.concurrent_candidates)
@@ -958,7 +994,14 @@ def decide(snapshot: ExperimentSnapshot, config: DecisionConfig) -> Decision:
         return Decision(Action.HOLD, Rule.COLLECTING, 0)
     arrays, current = snapshot_arrays(snapshot)
     traj = evaluate(arrays, config, k, current, max_share=snapshot.max_share)
-    return decision_at(traj, elapsed - 1, snapshot, config, k)
+    decision = decision_at(traj, elapsed - 1, snapshot, config, k)
+    if decision.rule is not Rule.SRM and scorers_differ(snapshot.scorers_a,
+                                                        snapshot.scorers_b):
+        # Arms scored by different scorers are not compared: no promotion, revert, retire or
+        # ramp on them. Only the sample-ratio freeze (about routing, not verdicts) stands.
+        return Decision(Action.HOLD, Rule.SCORER_MISMATCH, decision.elapsed_hours,
+                        stats=decision.stats)
+    return decision
 
 
 def decision_at(traj: Trajectory, i: int, snapshot: ExperimentSnapshot,

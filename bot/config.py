@@ -67,8 +67,31 @@ class ModelConfig:
     path: str = ""
     # Where `loopbot model fetch` puts models and where the default one is looked for.
     model_dir: str = "~/.cache/loopbot/models"
-    # "llama_cpp" (runs qwen2) or "ctransformers" (optional extra; older architectures only).
+    # "llama_cpp" (runs qwen2 in this process), "remote" (an inference server: model.url) or
+    # "ctransformers" (optional extra; older architectures only).
     backend: str = "llama_cpp"
+    # backend "remote": the inference servers' base URLs (llama-server, or an OpenAI-compatible
+    # server such as vLLM, Ollama, LM Studio). One chat's requests go to the same server while
+    # it is up, so the server's prompt cache is reused. Env: LOOPBOT_MODEL_URL=a,b
+    url: list[str] = field(default_factory=list)
+    # What the servers speak: "llama-server" (token ids in, exact label probabilities out:
+    # verdicts and replies) or "openai-chat" (/v1/chat/completions: replies only; verdicts
+    # stay in process, so model.path must name the same model as a GGUF).
+    remote_api: Literal["llama-server", "openai-chat"] = "llama-server"
+    # The model name sent to an OpenAI-compatible server; empty = the first of /v1/models.
+    remote_model: str = ""
+    # Bearer token for the servers. Secret: set LOOPBOT_MODEL_API_KEY instead of the file.
+    api_key: str = ""
+    # Where verdicts are scored with backend "remote": "auto" (on the server when it can give
+    # exact label probabilities, else in process), "remote" or "local" (in process).
+    verdicts: Literal["auto", "remote", "local"] = "auto"
+    # Seconds to open a connection to a server; a server that refuses or times out is skipped
+    # for remote_retry_s (other servers take its chats) and /healthz names it.
+    remote_connect_timeout_s: float = 3.0
+    remote_retry_s: float = 5.0
+    # Requests in flight to each server at once (its slots, e.g. llama-server --parallel);
+    # more wait here, up to model.max_queue in all, then "busy".
+    remote_parallel: int = 4
     # CPU threads for inference; 0 = all cores.
     n_threads: int = 0
     # The most tokens one reply's prompt and answer may take (older turns are dropped to fit).
@@ -172,6 +195,8 @@ ENV_OVERRIDES: dict[str, str] = {
     "LOOPBOT_BASE_URL": "telegram.base_url",
     "LOOPBOT_MODEL": "model.path",
     "LOOPBOT_MODEL_DIR": "model.model_dir",
+    "LOOPBOT_MODEL_URL": "model.url",
+    "LOOPBOT_MODEL_API_KEY": "model.api_key",
     "LOOPBOT_THREADS": "model.n_threads",
     "LOOPBOT_DB": "storage.db",
     "LOOPBOT_PROMPTS": "prompts.directory",
@@ -291,8 +316,9 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("telegram.respond_with: must be 'both', 'verdict' or 'reply'")
     if settings.logging.level.upper() not in LOG_LEVELS:
         raise ConfigError(f"logging.level: must be one of {', '.join(LOG_LEVELS)}")
-    if settings.model.backend not in {"llama_cpp", "ctransformers"}:
-        raise ConfigError("model.backend: must be 'llama_cpp' or 'ctransformers'")
+    if settings.model.backend not in {"llama_cpp", "ctransformers", "remote"}:
+        raise ConfigError("model.backend: must be 'llama_cpp', 'remote' or 'ctransformers'")
+    _validate_remote(settings.model)
     if settings.loop.mode not in {"automatic", "suggest", "off"}:
         raise ConfigError("loop.mode: must be 'automatic', 'suggest' or 'off'")
     if settings.model.n_threads < 0:
@@ -320,6 +346,26 @@ def _validate(settings: Settings) -> None:
             check()
         except ValueError as exc:
             raise ConfigError(f"experiment: {exc}") from exc
+
+
+def _validate_remote(model: ModelConfig) -> None:
+    if model.backend != "remote":
+        return
+    if not model.url:
+        raise ConfigError("model.url: backend 'remote' needs the inference server's URL "
+                          "(e.g. http://127.0.0.1:8080; env LOOPBOT_MODEL_URL)")
+    for i, url in enumerate(model.url):
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"model.url[{i}]: must start with http:// or https://, got {url!r}")
+    if model.remote_api == "openai-chat" and model.verdicts == "remote":
+        raise ConfigError("model.verdicts: 'remote' needs model.remote_api 'llama-server'; an "
+                          "OpenAI chat endpoint cannot give exact label probabilities, so "
+                          "verdicts must be scored in process ('local' or 'auto')")
+    if model.remote_connect_timeout_s <= 0 or model.remote_retry_s < 0:
+        raise ConfigError("model.remote_connect_timeout_s must be positive and "
+                          "model.remote_retry_s 0 or more")
+    if model.remote_parallel < 1:
+        raise ConfigError("model.remote_parallel: must be at least 1")
 
 
 def load_settings(

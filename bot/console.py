@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from bot.config import Settings, load_settings, prompts_directory
@@ -32,24 +33,24 @@ def _one_line(text: str) -> str:
 
 async def run_console(settings: Settings, *, stdin: TextIO, stdout: TextIO, user_id: int,
                       as_json: bool, interactive: bool, with_reply: bool) -> int:
-    from bot.llm.model_path import resolve_model
-    from bot.llm.runtime import ModelRuntime
+    from bot.llm.factory import open_runtime
     from bot.prompts import load_directory
     from bot.service import Service
     from bot.store.queries import Store
 
-    model = resolve_model(settings)
+    runtime = await open_runtime(settings)
     versions = load_directory(prompts_directory(settings))
     from bot.store.backup import open_configured_database
 
     store = Store(await open_configured_database(settings))
-    runtime = ModelRuntime(model, settings.model)
     try:
         await runtime.start()
         service = Service(settings, store, runtime, versions)
         await service.start()
         if interactive:
-            print(f"loopbot console — model {model.name}. Type a message; y/n marks the last "
+            where = (", ".join(settings.model.url) if settings.model.backend == "remote"
+                     else Path(getattr(runtime, "model_path", "")).name)
+            print(f"loopbot console — model {where}. Type a message; y/n marks the last "
                   "verdict right/wrong; Ctrl-D quits.", file=stdout)
         session = _Session(
             service=service, stdout=stdout, user_id=user_id, as_json=as_json,

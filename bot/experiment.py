@@ -23,6 +23,11 @@ What an experiment is, as read from the database
 - New users (first interaction with A or B since the test started) feed the sample-ratio
   test. Their planned share is the candidate's share when they arrived, taken from the audit
   log, conditioned on landing in A or B (other candidates take their own slices).
+- Each arm's scorers: which scorer (model file or inference server, ``interactions.scorer``)
+  produced the verdicts the evidence counts, and how many each. Verdicts stored before
+  scorers were recorded count as one scorer, "unrecorded". Arms scored differently are held,
+  not decided (:func:`analytics.decide.decide`, rule ``SCORER_MISMATCH``), and the admins
+  are told once.
 
 How decisions are applied
 -------------------------
@@ -49,7 +54,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +94,9 @@ ENGINE_ACTOR = "engine"
 NEAR_DUPLICATE = 0.7
 # Audit actions the share timeline reads: these set a candidate's share, all others end it.
 _SHARE_ACTIONS = ("canary", "restart")
+# Holds the admins are told about once per test (and bot run), not at every look: the test
+# stays held until a person acts, and saying so every hour would drown the other messages.
+TELL_ONCE = (Rule.SCORER_MISMATCH,)
 
 
 @dataclass(frozen=True)
@@ -135,9 +143,28 @@ class Outcome:
 
     @property
     def notable(self) -> bool:
-        """Worth a message to the admins: anything but a plain hold."""
+        """Worth a message to the admins: anything but a plain hold (a hold that needs a
+        person, e.g. arms scored by different scorers, is worth one: see :attr:`tell_once`)."""
         return self.error is not None or self.decision.action is not Action.HOLD or (
-            self.decision.restart)
+            self.decision.restart) or self.decision.rule in TELL_ONCE
+
+    @property
+    def tell_once(self) -> tuple[str, str, int, str] | None:
+        """For a hold that repeats at every look until a person acts: what identifies it
+        (candidate, active, the test's start hour, rule), so that the admins are told once
+        per test, not every hour. None: tell every time it is notable."""
+        if (self.error is not None or self.decision.action is not Action.HOLD
+                or self.decision.rule not in TELL_ONCE):
+            return None
+        start = self.snapshot.start_hour if self.snapshot is not None else -1
+        return (self.candidate_id, self.active_id, start, str(self.decision.rule))
+
+    @property
+    def scorers(self) -> tuple[Mapping[str, int], Mapping[str, int]]:
+        """Per arm (active, candidate): scorer → verdicts it scored among the observations."""
+        if self.snapshot is None:
+            return {}, {}
+        return self.snapshot.scorers_a, self.snapshot.scorers_b
 
     def stats_lines(self) -> list[str]:
         """The ``/stats`` block of this experiment: arms, evidence, the next step."""
@@ -155,6 +182,7 @@ class Outcome:
             "stats": self.decision.stats_json(),
             "observations": {"active": self.observations[0], "candidate": self.observations[1]},
             "raw_votes": {"active": self.raw_votes[0], "candidate": self.raw_votes[1]},
+            "scorers": {"active": dict(self.scorers[0]), "candidate": dict(self.scorers[1])},
         }
 
 
@@ -270,6 +298,7 @@ async def build_experiment(
         design_effect=evidence.design_effect, clusters=evidence.clusters,
         max_share=routing.room([s for s in deployment.slices() if s.version_id != b_id],
                                candidate.range_start),
+        scorers_a=evidence.scorers[0], scorers_b=evidence.scorers[1],
     )
     return Experiment(snapshot, start, candidate, active, evidence.raw_votes,
                       evidence.observations)
@@ -282,6 +311,8 @@ class _Evidence:
     # Per arm: the votes cast (after the per-user cap) and the observations they make.
     raw_votes: tuple[int, int]
     observations: tuple[int, int]
+    # Per arm: scorer → observations whose verdict it scored.
+    scorers: tuple[dict[str, int], dict[str, int]]
 
 
 @dataclass(frozen=True)
@@ -345,10 +376,14 @@ def _observe(hours: dict[int, _Hour], arms: _Arms, served: Sequence[ServedRow],
     for v in kept:
         raw[arm_of[v.interaction_id]] += 1
     counted = [0, 0]
+    scorer_of = {v.interaction_id: v.scorer for v in kept}
+    scorers: tuple[Counter[str], Counter[str]] = (Counter(), Counter())
     for o in obs:
         counted[arm_of[o.interaction]] += 1
+        scorers[arm_of[o.interaction]][scorer_of[o.interaction]] += 1
     return _Evidence(clustered_design_effect(obs, arm_of, cluster_of),
-                     len({o.voter for o in obs}), (raw[0], raw[1]), (counted[0], counted[1]))
+                     len({o.voter for o in obs}), (raw[0], raw[1]), (counted[0], counted[1]),
+                     (dict(scorers[0]), dict(scorers[1])))
 
 
 def _file(h: _Hour, arm: int, band: int, o: Observation) -> None:

@@ -40,14 +40,17 @@ log = logging.getLogger(__name__)
 
 
 class InferenceRuntime(Protocol):
-    """What the pipeline needs from :class:`bot.llm.runtime.ModelRuntime`."""
+    """What the pipeline needs from :class:`bot.llm.runtime.ModelRuntime` (or the remote
+    runtimes of :mod:`bot.llm.remote.runtime`); ``session`` is the chat, so that a remote
+    runtime sends one chat's requests to the same server (its prompt cache)."""
 
     async def classify(self, version: PromptVersion, text: str, *,
-                       timeout: float | None = None) -> Verdict: ...
+                       timeout: float | None = None, session: str | None = None) -> Verdict: ...
 
     async def reply(self, version: PromptVersion, history: Sequence[ChatTurn], text: str, *,
                     timeout: float | None = None,
-                    on_text: Callable[[str], None] | None = None) -> Reply: ...
+                    on_text: Callable[[str], None] | None = None,
+                    session: str | None = None) -> Reply: ...
 
 
 class UserRateLimiter:
@@ -268,7 +271,8 @@ class Service:
         text = msg.text[:limit] if limit > 0 else msg.text
         version, assignment = await self.route(msg.user_id)
         self.metrics.count_message()
-        verdict = await self.runtime.classify(version, text) if with_verdict else None
+        verdict = (await self.runtime.classify(version, text, session=str(msg.chat_id))
+                   if with_verdict else None)
         if verdict is not None:
             self.metrics.observe_verdict(verdict.latency_ms / 1000.0)
         interaction, created = await self.store.insert_interaction(NewInteraction(
@@ -279,6 +283,7 @@ class Service:
             label=verdict.label if verdict else None,
             probabilities=dict(verdict.probabilities) if verdict else None,
             verdict_latency_ms=verdict.latency_ms if verdict else None,
+            scorer=(verdict.scorer or None) if verdict else None,
         ), outgoing=(lambda stored: outgoing(stored, verdict)) if outgoing else None)
         return Classified(interaction, version, verdict, duplicate=not created,
                           truncated=len(text) < len(msg.text))
@@ -300,7 +305,7 @@ class Service:
         for user_text, bot_text in turns:
             history += [ChatTurn("user", user_text), ChatTurn("assistant", bot_text)]
         reply = await self.runtime.reply(version, history, interaction.text or "",
-                                         on_text=on_text)
+                                         on_text=on_text, session=str(interaction.chat_id))
         self.metrics.observe_reply(reply.latency_ms / 1000.0)
         await self.store.set_reply(interaction.id, reply.text, reply.latency_ms,
                                    outgoing(reply) if outgoing else ())

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.llamaserver import LlamaServer
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +32,21 @@ def qwen_q8(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                            shape="qwen1.5-0.5b", quant="q8_0")
     yield path
     path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary() -> Path:
+    """llama.cpp's llama-server, built once from the vendored source (see tests/llamaserver)."""
+    from tests.llamaserver import server_binary
+
+    return server_binary()
+
+
+@pytest.fixture(scope="module")
+def llama_server(llama_server_binary: Path, tiny_gguf: Path) -> Iterator[LlamaServer]:
+    """A real llama-server on 127.0.0.1 serving the tiny test model (2 slots)."""
+    from tests.llamaserver import LlamaServer
+
+    server = LlamaServer(llama_server_binary, tiny_gguf).start()
+    yield server
+    server.stop()

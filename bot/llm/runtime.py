@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import heapq
 import itertools
 import logging
@@ -161,6 +162,8 @@ class ModelRuntime:
         self.batch_steps = 0
         # What reply generation has cost since the start (benchmarks read it).
         self.reply_totals = BatchStats()
+        # Which scorer this runtime's verdicts come from (known once the model is loaded).
+        self.scorer_id = ""
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -172,6 +175,7 @@ class ModelRuntime:
 
     def _load(self) -> None:
         started = time.perf_counter()
+        self.scorer_id = local_scorer_id(self.model_path)
         backend = self._factory()
         make_batch = getattr(backend, "reply_batch", None)
         self._batch = make_batch() if callable(make_batch) else SerialBatch(backend)
@@ -215,6 +219,10 @@ class ModelRuntime:
         """Replies generated at once (known once the model is loaded)."""
         return self._batch.capacity if self._batch is not None else parallel_replies(self.config)
 
+    def problems(self) -> list[str]:
+        """What /healthz should report besides readiness: nothing, in process."""
+        return []
+
     @property
     def backend(self) -> Backend:
         if self._backend is None:
@@ -224,7 +232,7 @@ class ModelRuntime:
     # -- requests -----------------------------------------------------------------------
     async def classify(self, version: PromptVersion, text: str, *,
                        timeout: float | None = None, use_cache: bool = True,
-                       background: bool = False) -> Verdict:
+                       background: bool = False, session: str | None = None) -> Verdict:
         """The verdict for ``text``; ``background`` jobs (bulk offline checks) wait until
         no user's verdict or reply is pending."""
         if not text.strip():
@@ -238,7 +246,8 @@ class ModelRuntime:
                            version_id=version.id,
                            latency_ms=(time.perf_counter() - started) * 1000.0,
                            tokens_evaluated=result.tokens_evaluated,
-                           prefix_cached=result.prefix_cached, truncated=result.truncated)
+                           prefix_cached=result.prefix_cached, truncated=result.truncated,
+                           scorer=self.scorer_id)
 
         limit = self.config.verdict_timeout_s if timeout is None else timeout
         verdict: Verdict = await self._submit(BACKGROUND if background else VERDICT, run,
@@ -251,9 +260,11 @@ class ModelRuntime:
 
     async def reply(self, version: PromptVersion, history: Sequence[ChatTurn], text: str, *,
                     timeout: float | None = None,
-                    on_text: Callable[[str], None] | None = None) -> Reply:
+                    on_text: Callable[[str], None] | None = None,
+                    session: str | None = None) -> Reply:
         """The chat reply, generated in the batch with the other replies in progress;
-        ``on_text`` gets the text so far after each token (on the caller's event loop)."""
+        ``on_text`` gets the text so far after each token (on the caller's event loop).
+        ``session`` (the chat) matters to remote runtimes only."""
         if not text.strip():
             raise InferenceError("empty message: nothing to answer")
         request = _ReplyRequest(version, list(history), text, on_text,
@@ -441,6 +452,18 @@ class ModelRuntime:
         for job in self._jobs.drain():
             if not job.future.done():
                 job.future.set_exception(InferenceError("the model runtime was closed"))
+
+
+def local_scorer_id(path: Path) -> str:
+    """``gguf:<file name>:<first 16 hex digits of its SHA-256>``: verdicts of two files (or
+    of a changed file under the same name) are never taken for one scorer's."""
+    if not path.is_file():
+        return f"gguf:{path.name}"
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return f"gguf:{path.name}:{digest.hexdigest()[:16]}"
 
 
 def _as_inference_error(exc: Exception) -> InferenceError:

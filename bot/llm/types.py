@@ -19,6 +19,14 @@ class RuntimeBusy(InferenceError):
     """The inference queue is full: the caller should ask the user to try again later."""
 
 
+class ServerBusy(RuntimeBusy):
+    """An inference server is overloaded (429, 503) or too slow: the same "busy" answer."""
+
+
+class ServerUnavailable(ServerBusy):
+    """No inference server could be reached; /healthz names the ones that are down."""
+
+
 class UnsupportedModel(InferenceError):
     """The chosen backend cannot run this model file (e.g. ctransformers with qwen2)."""
 
@@ -35,6 +43,10 @@ class Verdict:
     prefix_cached: bool = True
     # The user's text was longer than model.max_input_tokens and was cut.
     truncated: bool = False
+    # Which scorer produced the probabilities: "gguf:<file name>:<sha256 prefix>" in process,
+    # "remote:<server's model id>" on an inference server. Arms scored differently are not
+    # compared (the same prompt can score differently on another build or model file).
+    scorer: str = ""
 
     @property
     def confidence(self) -> float:

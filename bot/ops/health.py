@@ -45,6 +45,10 @@ class RuntimeStatus(Protocol):
     @property
     def queue_depth(self) -> int: ...
 
+    def problems(self) -> list[str]:
+        """What else is wrong (an inference server that is down), one line each."""
+        ...
+
 
 @dataclass(frozen=True)
 class Components:
@@ -113,6 +117,9 @@ class HealthChecker:
     def _check_runtime(self, runtime: RuntimeStatus | None) -> list[str]:
         if runtime is None or not runtime.ready:
             return ["model: not loaded"]
+        problems = runtime.problems()
+        if problems:
+            return problems
         started = runtime.busy_since
         if started is not None:
             running = self._clock() - started

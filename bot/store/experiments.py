@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from analytics.decide import UNRECORDED_SCORER
 from bot.store.db import Database
+
+# The scorer of verdicts stored before scorers were recorded (``interactions.scorer`` NULL,
+# migration 007): to the engine they are all one scorer.
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,9 @@ class VoteRow:
     created_at: float
     version_id: str
     interaction_id: int = 0
+    # Who scored the verdict voted on (``interactions.scorer``; UNRECORDED_SCORER when it
+    # was stored before scorers were recorded).
+    scorer: str = UNRECORDED_SCORER
 
 
 @dataclass(frozen=True)
@@ -78,12 +85,13 @@ class ExperimentReader:
         """Votes cast before ``end`` on verdicts of the test, in the order they were cast."""
         rows = await self.db.fetchall(
             "SELECT v.user_id, COALESCE(v.first_correct, v.correct) AS correct, v.created_at,"
-            " i.version_id, v.interaction_id FROM votes v"
+            " i.version_id, v.interaction_id, i.scorer FROM votes v"
             " JOIN interactions i ON i.id = v.interaction_id"
             " WHERE i.version_id IN (?, ?) AND i.created_at >= ? AND v.created_at < ?"
             " ORDER BY v.created_at, v.id", (a_id, b_id, start, end))
         return [VoteRow(int(r["user_id"]), bool(r["correct"]), float(r["created_at"]),
-                        str(r["version_id"]), int(r["interaction_id"])) for r in rows]
+                        str(r["version_id"]), int(r["interaction_id"]),
+                        r["scorer"] or UNRECORDED_SCORER) for r in rows]
 
     async def reply_reactions(self, a_id: str, b_id: str, start: float,
                               end: float) -> list[ReactionRow]:

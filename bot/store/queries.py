@@ -34,6 +34,9 @@ class NewInteraction:
     probabilities: dict[str, float] | None = None
     verdict_latency_ms: float | None = None
     created_at: float | None = None
+    # Which scorer produced the verdict (``Verdict.scorer``, e.g. "gguf:<file>:<hash>" or
+    # "remote:<model id>"); None when unknown or when no verdict was computed.
+    scorer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ class Interaction:
     verdict_message_id: int | None
     reply_text: str | None
     reply_latency_ms: float | None
+    # None for a reply only, and for verdicts stored before scorers were recorded.
+    scorer: str | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -140,7 +145,7 @@ def _interaction(row: aiosqlite.Row) -> Interaction:
         label=row["label"], probabilities=json.loads(row["probabilities"]),
         confidence=row["confidence"], verdict_latency_ms=row["verdict_latency_ms"],
         verdict_message_id=row["verdict_message_id"], reply_text=row["reply_text"],
-        reply_latency_ms=row["reply_latency_ms"],
+        reply_latency_ms=row["reply_latency_ms"], scorer=row["scorer"],
     )
 
 
@@ -184,12 +189,13 @@ class Store:
             cur = await conn.execute(
                 "INSERT INTO interactions (created_at, update_id, chat_id, chat_type, user_id,"
                 " message_id, text, version_id, content_hash, arm, bucket, label,"
-                " probabilities, confidence, verdict_latency_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " probabilities, confidence, verdict_latency_ms, scorer)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (chat_id, message_id) DO NOTHING",
                 (at, new.update_id, new.chat_id, new.chat_type, new.user_id, new.message_id,
                  new.text, new.version_id, new.content_hash, new.arm, new.bucket, new.label,
-                 json.dumps(probs, ensure_ascii=False), confidence, new.verdict_latency_ms),
+                 json.dumps(probs, ensure_ascii=False), confidence, new.verdict_latency_ms,
+                 new.scorer or None),
             )
             created = cur.rowcount == 1
             row = await fetchone(

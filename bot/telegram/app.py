@@ -59,21 +59,19 @@ USER_COMMANDS = (
 async def post_init(app: BotApp) -> None:
     """Open what the bot needs, inside its event loop: the store, the model, the service and
     the sender; then the post-init hooks (scheduled jobs)."""
-    from bot.llm.model_path import resolve_model
-    from bot.llm.runtime import ModelRuntime
+    from bot.llm.factory import open_runtime
 
     state = app.bot_data
     settings = state.settings
     state.loop = asyncio.get_running_loop()
     prompt_versions = load_directory(prompts_directory(settings))
-    # May download the default model the first time: off the event loop.
-    model = await asyncio.to_thread(resolve_model, settings)
+    # May download the default model the first time (off the event loop).
+    runtime = await open_runtime(settings)
     from bot.store.backup import open_configured_database
 
     # An upgrade's migrations run at start: the database is copied first, so it can be undone.
     store = Store(await open_configured_database(settings))
     state.closers.append(store.close)
-    runtime = ModelRuntime(model, settings.model)
     state.closers.append(runtime.close)
     await runtime.start()
     service = Service(settings, store, runtime, prompt_versions, metrics=METRICS)

@@ -2,9 +2,10 @@
 
 Every ``experiment.interval_minutes`` the job runs :func:`bot.experiment.analyze` on the bot's
 own database and prompt versions (the ones it serves), applies the decisions, and tells every
-admin what it did and why whenever the action is not a plain hold. It never dies: any error is
-logged and the next run tries again (each write is one transaction, so a failed run leaves the
-state as it was).
+admin what it did and why whenever the action is not a plain hold. A hold that waits for a
+person (arms scored by different scorers) is told once per test while the bot runs, not at
+every look. It never dies: any error is logged and the next run tries again (each write is
+one transaction, so a failed run leaves the state as it was).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bot.experiment import analyze
 from bot.learning import loop as learning
@@ -31,6 +32,8 @@ FIRST_RUN_S = 30.0
 class JobData:
     # The analysis's "now"; a parameter so a test can pin the hour.
     clock: Callable[[], float] = time.time
+    # The holds the admins were already told about (Outcome.tell_once): told once, not hourly.
+    told: set[tuple[str, str, int, str]] = field(default_factory=set)
 
 
 async def schedule_experiment_job(application: BotApp, *, first: float = FIRST_RUN_S,
@@ -52,7 +55,9 @@ async def schedule_experiment_job(application: BotApp, *, first: float = FIRST_R
 
 async def run_experiment_job(context: BotContext) -> None:
     data = context.job.data if context.job else None
-    clock = data.clock if isinstance(data, JobData) else time.time
+    if not isinstance(data, JobData):
+        data = JobData()
+    clock = data.clock
     state = context.state
     service = state.service
     if service is None:
@@ -71,6 +76,11 @@ async def run_experiment_job(context: BotContext) -> None:
             service.metrics.count_decision(outcome.action)
         if not outcome.notable:
             continue
+        once = outcome.tell_once
+        if once is not None:
+            if once in data.told:
+                continue
+            data.told.add(once)
         for admin in state.settings.telegram.admins:
             try:
                 await context.bot.send_message(admin, outcome.message)

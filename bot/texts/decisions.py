@@ -8,9 +8,11 @@ the numbers); everything a person reads about it is written here, from that data
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from analytics.decide import (
+    UNRECORDED_SCORER,
     Action,
     Decision,
     DecisionConfig,
@@ -110,6 +112,32 @@ def _propensity(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats)
             f"voters; {_arms(snap, s)}; test frozen: neither promoted nor reverted")
 
 
+def _scored_by(version_id: str, scorers: Mapping[str, int]) -> str:
+    """Which scorer(s) scored an arm's verdicts with feedback (several: each with its count)."""
+    ranked = sorted(((n, name) for name, n in scorers.items() if n > 0),
+                    key=lambda item: (-item[0], item[1]))
+    total = sum(n for n, _ in ranked)
+    if not ranked:
+        return f"{version_id} has no verdict with feedback yet"
+    if len(ranked) == 1:
+        return f"{version_id}'s {total} verdicts with feedback were scored by {ranked[0][1]}"
+    named = [f"{name} ({n})" for n, name in ranked]
+    return (f"{version_id}'s {total} verdicts with feedback were scored by "
+            f"{', '.join(named[:-1])} and {named[-1]}")
+
+
+def _scorer_mismatch(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    a, b = snap.active_id, snap.candidate_id
+    legacy = (f". \"{UNRECORDED_SCORER}\": verdicts stored before loopbot recorded scorers"
+              if UNRECORDED_SCORER in {*snap.scorers_a, *snap.scorers_b} else "")
+    return (f"the arms were not scored by the same scorer: {_scored_by(a, snap.scorers_a)}; "
+            f"{_scored_by(b, snap.scorers_b)}{legacy}. Verdict probabilities from different "
+            "scorers (model files or inference servers) are not comparable, so the test is "
+            "held: neither promoted nor reverted. Make every verdict come from one scorer "
+            "(the same model file in every process, the same model on every inference "
+            f"server), then /retire {b} and /canary {b} <percent> to start a fresh test")
+
+
 def _fading(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
     return (f"E⁺ = {_e(s.e_plus)} clears the bar, but the last {cfg.persistence_hours:g} h "
             f"alone do not point the same way (z = {s.recent_z:.2f}): holding, the advantage "
@@ -136,7 +164,7 @@ _REASONS = {
     Rule.EVIDENCE_WORSE: _worse, Rule.EVIDENCE_BETTER: _better, Rule.HORIZON_MH: _horizon_mh,
     Rule.HORIZON_WORSE: _horizon_worse, Rule.HORIZON_RETIRE: _horizon_retire,
     Rule.STALE: _stale, Rule.PARITY: _parity, Rule.MIN_VOTES: _min_votes, Rule.RAMP: _ramp,
-    Rule.PROPENSITY: _propensity, Rule.FADING: _fading,
+    Rule.PROPENSITY: _propensity, Rule.FADING: _fading, Rule.SCORER_MISMATCH: _scorer_mismatch,
 }
 
 

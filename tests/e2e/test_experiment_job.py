@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import shutil
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
-from bot import experiment_cli, versions
+import pytest
+
+from bot import experiment, experiment_cli, versions
 from bot.devtools.fakebotapi import FakeBotAPI
 from bot.prompts import load_directory
 from bot.store.db import Database
@@ -106,3 +109,82 @@ def test_scheduled_job_decides_messages_admins_and_matches_loopbot_analyze(
     with sqlite3.connect(job_db) as conn:
         assert conn.execute("SELECT state, replaced FROM prompt_versions WHERE id = ?",
                             (B,)).fetchone() == (versions.ACTIVE, "v1-zh")
+
+
+GGUF = "gguf:qwen2.5-0.5b-instruct-q8_0.gguf:1a2b3c4d5e6f7a8b"
+REMOTE = "remote:qwen2.5-7b-instruct"
+
+
+async def _prepare_scored_apart(path: Path, now: float) -> None:
+    catalog = load_directory(ROOT / "prompts")
+    start = (int(now // 3600) - HOURS) * 3600.0
+    db = await Database.open(path)
+    try:
+        await start_test(db, catalog, at=start)
+        # What promotes B in the test above, but B's verdicts came from another model.
+        await fill(db, hours=HOURS, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95,
+                   start=start, scorer_a=GGUF, scorer_b=REMOTE)
+    finally:
+        await db.close()
+
+
+def test_the_job_does_not_decide_arms_scored_by_different_scorers_and_says_why_once(
+        tiny_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    now = time.time()
+    db_path = tmp_path / "job.db"
+    asyncio.run(_prepare_scored_apart(db_path, now))
+    before = _audit(db_path)
+    looks: list[float] = []
+
+    async def counted(*args: Any, **kwargs: Any) -> list[experiment.Outcome]:
+        looks.append(time.monotonic())
+        return await experiment.analyze(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "analyze", counted)
+
+    with FakeBotAPI() as api:
+        harness = BotHarness(api, tiny_gguf, db_path,
+                             overrides={"experiment.interval_minutes": 0.01})  # every 0.6 s
+        harness.app.bot_data.post_init_hooks = [
+            functools.partial(jobs.schedule_experiment_job, first=0.2, clock=lambda: now)]
+        harness.start()
+        try:
+            held = api.wait_for(lambda: [t for t in _admin_texts(api) if "HOLD" in t])
+            # /stats shows the held test and why.
+            api.send_text(api.user(ADMIN_ID, "en"), "/stats")
+            stats = api.wait_for(lambda: [t for t in _admin_texts(api)
+                                          if t.startswith("📊 /stats")])[0]
+            # Three more runs of the job (every 0.6 s): the admins were told once.
+            told_at = len(looks)
+            api.wait_for(lambda: len(looks) >= told_at + 3)
+            time.sleep(0.3)  # the last run's messages, if any, are sent
+        finally:
+            harness.stop()
+        texts = _admin_texts(api)
+
+    (message,) = held
+    assert [t for t in texts if "scorer" in t and not t.startswith("📊")] == [message]
+    assert message.startswith(f"🤖 {B} vs v1-zh: HOLD\n")
+    assert f"verdicts with feedback were scored by {GGUF}; {B}'s " in message
+    assert f"verdicts with feedback were scored by {REMOTE}." in message
+    assert ("Verdict probabilities from different scorers (model files or inference servers) "
+            "are not comparable, so the test is held: neither promoted nor reverted") in message
+    assert f"/retire {B} and /canary {B} <percent> to start a fresh test" in message
+    assert "next: holding: the arms were not scored by the same scorer" in stats
+    # Nothing was written: B is still a candidate at its share, the audit log unchanged.
+    assert _audit(db_path) == before
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT state, share FROM prompt_versions WHERE id = ?",
+                            (B,)).fetchone() == (versions.CANDIDATE, 0.5)
+
+    # `loopbot analyze --json` names each arm's scorers.
+    parser = argparse.ArgumentParser()
+    experiment_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["analyze", "--db", str(db_path), "--at", repr(now), "--json"])
+    assert args.func(args) == 0
+    (row,) = json.loads(capsys.readouterr().out)["outcomes"]
+    assert (row["action"], row["rule"], row["applied"]) == ("hold", "scorer_mismatch", False)
+    assert row["scorers"] == {"active": {GGUF: row["observations"]["active"]},
+                              "candidate": {REMOTE: row["observations"]["candidate"]}}
+    assert _audit(db_path) == before

@@ -18,6 +18,7 @@ from analytics.decide import (
     HourStats,
     decide,
     evaluate,
+    scorers_differ,
     snapshot_arrays,
 )
 from bot.texts.decisions import next_step, reason
@@ -142,6 +143,73 @@ def test_broken_split_freezes_the_test() -> None:
     d = decide(d_snap, CFG)
     assert d.action == "freeze" and d.rule == "srm"
     assert "sample-ratio" in why(d, d_snap) and stats_of(d).srm_e >= 1000
+
+
+GGUF = "gguf:qwen2.5-0.5b-instruct-q8_0.gguf:1a2b3c4d5e6f7a8b"
+REMOTE = "remote:qwen2.5-7b-instruct"
+
+
+@pytest.mark.parametrize(("scorers_a", "scorers_b"), [
+    ({GGUF: 240}, {REMOTE: 240}),  # each arm scored by another model
+    ({GGUF: 120, REMOTE: 120}, {GGUF: 240}),  # one arm mixes two
+    ({"unrecorded": 120, REMOTE: 120}, {"unrecorded": 120, REMOTE: 120}),  # a test across
+    # the upgrade that moved verdicts to a server: legacy (in-process) rows and remote ones
+])
+@pytest.mark.parametrize(("correct_a", "correct_b", "otherwise"),
+                         [(7, 9, "promote"), (9, 7, "revert")])
+def test_arms_scored_by_different_scorers_are_held_not_decided(
+        scorers_a: dict[str, int], scorers_b: dict[str, int], correct_a: int, correct_b: int,
+        otherwise: str) -> None:
+    rows = hours_of(24, correct_a=correct_a, correct_b=correct_b)
+    same = decide(snap(rows, scorers_a={GGUF: 240}, scorers_b={GGUF: 240}), CFG)
+    assert same.action == otherwise  # one scorer in both arms: decided as before
+    assert same == decide(snap(rows), CFG)
+    d_snap = snap(rows, scorers_a=scorers_a, scorers_b=scorers_b)
+    d = decide(d_snap, CFG)
+    assert (d.action, d.rule, d.new_share, d.restart) == ("hold", "scorer_mismatch", None,
+                                                         False)
+    assert d.stats == same.stats  # the numbers are still shown, only not acted on
+    text = why(d, d_snap)
+    for name in {*scorers_a, *scorers_b}:
+        assert name in text
+    assert "not comparable" in text and "neither promoted nor reverted" in text
+    assert "/retire v2-zh and /canary v2-zh <percent> to start a fresh test" in text
+    assert next_step(d, text).startswith("holding: the arms were not scored by the same")
+
+
+def test_the_admins_read_which_scorer_scored_each_arm() -> None:
+    d_snap = snap(hours_of(24, correct_a=7, correct_b=9), scorers_a={GGUF: 240},
+                  scorers_b={REMOTE: 200, GGUF: 40})
+    assert why(decide(d_snap, CFG), d_snap) == (
+        f"the arms were not scored by the same scorer: v1-zh's 240 verdicts with feedback "
+        f"were scored by {GGUF}; v2-zh's 240 verdicts with feedback were scored by "
+        f"{REMOTE} (200) and {GGUF} (40). Verdict probabilities from different scorers "
+        "(model files or inference servers) are not comparable, so the test is held: "
+        "neither promoted nor reverted. Make every verdict come from one scorer (the same "
+        "model file in every process, the same model on every inference server), then "
+        "/retire v2-zh and /canary v2-zh <percent> to start a fresh test")
+
+
+def test_scorers_differ_only_on_verdicts_counted() -> None:
+    assert not scorers_differ({}, {})  # not known (the simulation, a replay)
+    assert not scorers_differ({GGUF: 5}, {})  # one arm has no verdict with feedback yet
+    assert not scorers_differ({GGUF: 5, REMOTE: 0}, {GGUF: 1})
+    assert not scorers_differ({"unrecorded": 5}, {"unrecorded": 9})  # all legacy rows
+    assert scorers_differ({GGUF: 5, REMOTE: 1}, {})
+    assert scorers_differ({GGUF: 5}, {REMOTE: 5})
+    # Legacy rows were scored in process: they match the one in-process scorer...
+    assert not scorers_differ({"unrecorded": 5}, {GGUF: 5})
+    assert not scorers_differ({"unrecorded": 5, GGUF: 3}, {GGUF: 5})
+    # ...but not a server, nor two different model files.
+    assert scorers_differ({"unrecorded": 5}, {REMOTE: 5})
+    assert scorers_differ({"unrecorded": 5, GGUF: 3}, {"gguf:other.gguf:00": 5})
+
+
+def test_a_broken_split_still_freezes_whatever_scored_the_arms() -> None:
+    d_snap = snap(hours_of(24, new_users_a=14, new_users_b=6), scorers_a={GGUF: 240},
+                  scorers_b={REMOTE: 240})
+    d = decide(d_snap, CFG)
+    assert d.action == "freeze" and d.rule == "srm"
 
 
 def test_edited_candidate_restarts() -> None:

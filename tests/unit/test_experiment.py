@@ -60,7 +60,7 @@ async def add_interaction(
     conn: object, *, user: int, version: str, at: float, message_id: int,
     vote: bool | None = None, voter: int | None = None, vote_at: float | None = None,
     latency_ms: float | None = None, reaction: int | None = None,
-    reaction_at: float | None = None,
+    reaction_at: float | None = None, scorer: str | None = None,
 ) -> None:
     """One verdict row (and its vote / reply reaction) exactly as the bot stores them."""
     import aiosqlite
@@ -69,9 +69,9 @@ async def add_interaction(
     arm = "active" if version == A else "candidate"
     cur = await conn.execute(
         "INSERT INTO interactions (created_at, chat_id, user_id, message_id, text, version_id,"
-        " arm, bucket, label, probabilities, reply_latency_ms)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, 0, 'positive', '{}', ?)",
-        (at, user, user, message_id, text_of(message_id), version, arm, latency_ms))
+        " arm, bucket, label, probabilities, reply_latency_ms, scorer)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 0, 'positive', '{}', ?, ?)",
+        (at, user, user, message_id, text_of(message_id), version, arm, latency_ms, scorer))
     iid = cur.lastrowid
     if vote is not None:
         when = at + 30 if vote_at is None else vote_at
@@ -91,20 +91,22 @@ async def add_interaction(
 
 
 async def fill(db: Database, *, hours: int, per_hour_a: int, per_hour_b: int, acc_a: float,
-               acc_b: float, seed: int = 1, start: float = T0, first_user: int = 10_000
-               ) -> None:
-    """``hours`` of traffic from ``start``: every verdict from a new user, who votes on it."""
+               acc_b: float, seed: int = 1, start: float = T0, first_user: int = 10_000,
+               scorer_a: str | None = None, scorer_b: str | None = None) -> None:
+    """``hours`` of traffic from ``start``: every verdict from a new user, who votes on it;
+    each arm's verdicts scored by ``scorer_a`` / ``scorer_b`` (None: not recorded)."""
     rng = random.Random(seed)
     user = first_user
     async with db.transaction() as conn:
         for hour in range(hours):
-            for version, n, acc in ((A, per_hour_a, acc_a), (B, per_hour_b, acc_b)):
+            for version, n, acc, scorer in ((A, per_hour_a, acc_a, scorer_a),
+                                            (B, per_hour_b, acc_b, scorer_b)):
                 for k in range(n):
                     user += 1
                     at = start + hour * 3600 + 60 + k * (3000 / max(n, 1))
                     await add_interaction(conn, user=user, version=version, at=at,
                                           message_id=user, vote=rng.random() < acc,
-                                          latency_ms=800.0)
+                                          latency_ms=800.0, scorer=scorer)
 
 
 async def audit_count(db: Database) -> int:
@@ -289,6 +291,75 @@ async def test_a_healthy_split_is_not_frozen(db: Database,
     assert out.action == "hold" and not out.applied and not out.notable
     assert "E⁺" in out.message
     assert await audit_count(db) == before
+
+
+GGUF = "gguf:qwen2.5-0.5b-instruct-q8_0.gguf:1a2b3c4d5e6f7a8b"
+REMOTE = "remote:qwen2.5-7b-instruct"
+
+
+async def test_arms_scored_by_different_scorers_are_not_decided_and_the_admins_told_why(
+        db: Database, catalog: dict[str, PromptVersion]) -> None:
+    await start_test(db, catalog)
+    # Data that promotes (see test_engine_promotes_...), but B was scored by another model.
+    await fill(db, hours=30, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95,
+               scorer_a=GGUF, scorer_b=REMOTE)
+    before = await audit_count(db)
+    (out,) = await experiment.analyze(db, catalog, DecisionConfig(), now=T0 + 30 * 3600 + 60)
+    assert (out.action, out.decision.rule, out.applied) == ("hold", "scorer_mismatch", False)
+    assert out.notable and out.tell_once == (B, A, H0, "scorer_mismatch")
+    assert await audit_count(db) == before
+    state = await versions.load(db)
+    assert state.active is not None and state.active.version_id == A
+    assert [(c.version_id, c.share) for c in state.candidates] == [(B, 0.5)]
+    n_a, n_b = out.observations
+    assert out.scorers == ({GGUF: n_a}, {REMOTE: n_b}) and n_a > 100 and n_b > 100
+    assert out.message.startswith(f"🤖 {B} vs {A}: HOLD\n")
+    assert (f"{A}'s {n_a} verdicts with feedback were scored by {GGUF}; {B}'s {n_b} verdicts "
+            f"with feedback were scored by {REMOTE}. Verdict probabilities from different "
+            "scorers") in out.message
+    assert f"/retire {B} and /canary {B} <percent> to start a fresh test" in out.message
+    assert out.to_json()["scorers"] == {"active": {GGUF: n_a}, "candidate": {REMOTE: n_b}}
+
+
+async def test_arms_scored_by_one_scorer_are_decided_as_before(
+        db: Database, catalog: dict[str, PromptVersion]) -> None:
+    await start_test(db, catalog)
+    await fill(db, hours=30, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95,
+               scorer_a=GGUF, scorer_b=GGUF)
+    (out,) = await experiment.analyze(db, catalog, DecisionConfig(), now=T0 + 30 * 3600 + 60,
+                                      apply=False)
+    assert (out.action, out.decision.rule) == ("promote", "evidence_better")
+    assert out.tell_once is None
+    assert out.to_json()["scorers"] == {"active": {GGUF: out.observations[0]},
+                                        "candidate": {GGUF: out.observations[1]}}
+
+
+@pytest.mark.parametrize("later", [None, GGUF, REMOTE])
+async def test_verdicts_stored_before_scorers_were_recorded_are_one_scorer_unrecorded(
+        db: Database, catalog: dict[str, PromptVersion], later: str | None) -> None:
+    await start_test(db, catalog)
+    # 15 hours stored before the upgrade (scorer NULL), then 15 hours after it.
+    await fill(db, hours=15, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95)
+    await fill(db, hours=15, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95,
+               start=T0 + 15 * 3600, first_user=500_000, scorer_a=later, scorer_b=later)
+    (out,) = await experiment.analyze(db, catalog, DecisionConfig(), now=T0 + 30 * 3600 + 60,
+                                      apply=False)
+    active, candidate = out.scorers
+    if later is None:
+        # All of it unrecorded: one scorer in both arms, decided as before.
+        assert (dict(active), dict(candidate)) == ({"unrecorded": out.observations[0]},
+                                                   {"unrecorded": out.observations[1]})
+        assert out.action == "promote"
+    elif later == GGUF:
+        # The upgrade that started recording the in-process scorer: the same scorer.
+        assert set(active) == set(candidate) == {"unrecorded", GGUF}
+        assert out.action == "promote"
+    else:
+        # Moved to a server in the middle of the test: not comparable.
+        assert set(active) == set(candidate) == {"unrecorded", REMOTE}
+        assert (out.action, out.decision.rule) == ("hold", "scorer_mismatch")
+        assert "unrecorded (" in out.message and f"{REMOTE} (" in out.message
+        assert '. "unrecorded": verdicts stored before loopbot recorded scorers. ' in out.message
 
 
 async def test_ramp_keeps_the_test_and_is_applied_once(

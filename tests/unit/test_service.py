@@ -14,7 +14,8 @@ import pytest
 
 from bot.config import Settings
 from bot.llm.runtime import ModelRuntime
-from bot.prompts import load_directory
+from bot.llm.types import Verdict
+from bot.prompts import PromptVersion, load_directory
 from bot.service import CORRECT, WRONG, IncomingText, Service, UserRateLimiter
 from bot.store.queries import Interaction, NewInteraction, Store
 
@@ -173,3 +174,27 @@ def test_a_refused_user_is_told_once_per_window() -> None:
     now[0] = 10.0
     assert limiter.warn_once(1)
 
+
+
+@pytest.mark.parametrize(("scorer", "stored"), [
+    ("gguf:qwen2.5-0.5b-instruct-q8_0.gguf:1a2b3c4d5e6f7a8b",
+     "gguf:qwen2.5-0.5b-instruct-q8_0.gguf:1a2b3c4d5e6f7a8b"),
+    ("remote:qwen2.5-7b-instruct", "remote:qwen2.5-7b-instruct"),
+    ("", None),  # a runtime that does not say: unknown, like the rows from before 007
+])
+async def test_each_interaction_records_the_scorer_of_its_verdict(
+        service: Service, monkeypatch: pytest.MonkeyPatch, scorer: str,
+        stored: str | None) -> None:
+    async def classify(version: PromptVersion, text: str, **_: object) -> Verdict:
+        return Verdict(label="正面", probabilities={"正面": 0.8, "负面": 0.2},
+                       version_id=version.id, latency_ms=5.0, scorer=scorer)
+
+    monkeypatch.setattr(service.runtime, "classify", classify)
+    done = await service.classify(IncomingText(chat_id=10, user_id=5, message_id=1, text="t"))
+    assert done is not None and done.interaction.scorer == stored
+    again = await service.store.find_interaction(10, 1)
+    assert again is not None and again.scorer == stored
+    # No verdict computed (a reply only): no scorer either.
+    reply_only = await service.classify(
+        IncomingText(chat_id=10, user_id=5, message_id=2, text="t"), with_verdict=False)
+    assert reply_only is not None and reply_only.interaction.scorer is None

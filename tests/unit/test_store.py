@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 
 from bot.store.db import Database, Migration, MigrationError, discover_migrations
 from bot.store.queries import NewInteraction, Store
+
+SCORER = "gguf:qwen2.5-0.5b-instruct-q8_0.gguf:1a2b3c4d5e6f7a8b"
 
 
 def _new(message_id: int, *, user: int = 7, chat: int = 100, version: str = "v1",
@@ -69,6 +72,40 @@ def test_migration_files_must_be_numbered_without_gaps(tmp_path: Path) -> None:
     (tmp_path / "003_c.sql").write_text("SELECT 1;")
     with pytest.raises(MigrationError, match="without gaps"):
         discover_migrations(tmp_path)
+
+
+async def test_migration_007_adds_the_scorer_to_an_existing_database(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    before = [m for m in discover_migrations() if m.version < 7]
+    assert [m.version for m in before] == [1, 2, 3, 4, 5, 6]
+    old = await Database.open(path, migrations=before)
+    async with old.transaction() as conn:  # a verdict stored by the previous release
+        await conn.execute(
+            "INSERT INTO interactions (created_at, chat_id, user_id, message_id, text,"
+            " version_id, arm, bucket, label, probabilities, confidence)"
+            " VALUES (1.0, 100, 7, 1, 'old', 'v1', 'active', 42, 'pos', '{\"pos\": 1.0}', 1.0)")
+    await old.close()
+
+    store = await Store.open(path)
+    try:
+        assert await store.db.schema_version() == 7
+        legacy = await store.find_interaction(100, 1)
+        assert legacy is not None and legacy.scorer is None and legacy.label == "pos"
+        new, _ = await store.insert_interaction(dataclasses.replace(_new(2), scorer=SCORER))
+        assert new.scorer == SCORER
+    finally:
+        await store.close()
+
+
+async def test_the_scorer_of_a_verdict_round_trips(store: Store) -> None:
+    scored, _ = await store.insert_interaction(dataclasses.replace(_new(1), scorer=SCORER))
+    unknown, _ = await store.insert_interaction(dataclasses.replace(_new(2), scorer=""))
+    reply_only, _ = await store.insert_interaction(_new(3, label=None))
+    assert (scored.scorer, unknown.scorer, reply_only.scorer) == (SCORER, None, None)
+    again = await store.find_interaction(100, 1)
+    assert again is not None and again.scorer == SCORER
+    rows = await store.db.fetchall("SELECT message_id, scorer FROM interactions ORDER BY id")
+    assert [tuple(r) for r in rows] == [(1, SCORER), (2, None), (3, None)]
 
 
 async def test_a_redelivered_message_is_stored_once(store: Store) -> None:

@@ -1,0 +1,1 @@
+"""Inference on existing servers (llama-server, vLLM, Ollama, LM Studio)."""
