@@ -28,6 +28,8 @@ Scripting, from the test thread (thread-safe)::
 
     fake.on("/completion", rate_limited(retry_after=2), times=3)  # the next 3 requests
     fake.always("*", slow(first_byte=0.5))                         # every endpoint, until clear()
+    fake.on("/completion", held(gate) | reply(["a", "b"]))         # answers once gate.set()
+    fake.set_loading(True); fake.down(); fake.up()
     fake.clear()
 """
 
@@ -103,6 +105,8 @@ class Behaviour:
     # A raw answer, sent as is.
     raw: tuple[int, bytes, str] | None = None
     first_byte_delay: float = 0.0
+    # Answer only once this is set (the test decides when): deterministic "slow".
+    gate: threading.Event | None = None
     chunk_delay: float = 0.0
     pieces: tuple[str, ...] | None = None
     stop_type: str | None = None
@@ -155,6 +159,12 @@ def slow(first_byte: float = 0.0, between_chunks: float = 0.0) -> Behaviour:
     """Wait ``first_byte`` seconds before answering, ``between_chunks`` between streamed
     events. The waits end early (the connection closed) on ``down()`` / ``stop()``."""
     return Behaviour(name="slow", first_byte_delay=first_byte, chunk_delay=between_chunks)
+
+
+def held(gate: threading.Event) -> Behaviour:
+    """Answer nothing until the test sets ``gate`` (then answer as usual, after any
+    ``first_byte`` delay): a request kept in flight for exactly as long as a test needs."""
+    return Behaviour(name="held", gate=gate)
 
 
 def reply(pieces: Iterable[str], stop_type: str | None = None) -> Behaviour:
@@ -511,6 +521,7 @@ class FakeLlamaServer:
             self._cond.notify_all()
 
     def _answered(self, request: Request, status: int) -> None:
+        """Recorded before the answer is written, so a client that has it sees it recorded."""
         with self._cond:
             request.status = status
             self._cond.notify_all()
@@ -534,6 +545,8 @@ class FakeLlamaServer:
             behaviour = loading() if self._loading else self._behaviour_for(endpoint)
         request.behaviour = behaviour.name
         self._record(request)
+        if behaviour.gate is not None:
+            h.wait_for(behaviour.gate)
         h.wait(behaviour.first_byte_delay)
 
         if behaviour.fault == "reset":
@@ -541,8 +554,8 @@ class FakeLlamaServer:
             return
         if behaviour.raw is not None:
             status, payload, content_type = behaviour.raw
-            h.send(status, payload, content_type, behaviour.headers)
             self._answered(request, status)
+            h.send(status, payload, content_type, behaviour.headers)
             return
         if behaviour.error is not None and behaviour.fault != "stream_error":
             self._send_error(h, request, *behaviour.error, headers=behaviour.headers)
@@ -568,8 +581,8 @@ class FakeLlamaServer:
         if isinstance(answer, _Events):
             self._send_events(h, request, answer, behaviour, endpoint)
         elif isinstance(answer, str):
-            h.send(200, answer.encode(), "text/plain; version=0.0.4; charset=utf-8")
             self._answered(request, 200)
+            h.send(200, answer.encode(), "text/plain; version=0.0.4; charset=utf-8")
         else:
             self._send_json(h, request, answer, behaviour, endpoint)
 
@@ -584,8 +597,8 @@ class FakeLlamaServer:
                     type_: str | None = None, headers: Sequence[tuple[str, str]] = ()) -> None:
         body = {"error": {"code": status, "message": message,
                           "type": type_ or _ERROR_TYPES.get(status, "server_error")}}
-        h.send(status, json.dumps(body).encode(), _JSON, headers)
         self._answered(request, status)
+        h.send(status, json.dumps(body).encode(), _JSON, headers)
 
     def _send_json(self, h: _Handler, request: Request, answer: Any, behaviour: Behaviour,
                    endpoint: str) -> None:
@@ -596,16 +609,16 @@ class FakeLlamaServer:
             payload = payload[: max(1, len(payload) // 2)]
         if behaviour.fault == "cut":
             # Announce the whole body, send half of it, then drop the connection.
+            self._answered(request, 200)
             h.send_head(200, _JSON, behaviour.headers, length=len(payload))
             h.write(payload[: len(payload) // 2])
-            self._answered(request, 200)
             if behaviour.how == "reset":
                 h.reset()
             else:
                 h.close()
             return
-        h.send(200, payload, _JSON, behaviour.headers)
         self._answered(request, 200)
+        h.send(200, payload, _JSON, behaviour.headers)
 
     def _send_events(self, h: _Handler, request: Request, events: _Events,
                      behaviour: Behaviour, endpoint: str) -> None:
@@ -623,8 +636,8 @@ class FakeLlamaServer:
                 status, message, type_ = behaviour.error
                 lines.append(b"data: " + json.dumps({"error": {
                     "code": status, "message": message, "type": type_}}).encode() + b"\n\n")
-        h.send_head(200, "text/event-stream", behaviour.headers, chunked=True)
         self._answered(request, 200)
+        h.send_head(200, "text/event-stream", behaviour.headers, chunked=True)
         with self._generating():
             for i, line in enumerate(lines):
                 if i:
@@ -1032,6 +1045,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     # What the fake's answers are made of.
+    def wait_for(self, gate: threading.Event) -> None:
+        while not gate.wait(0.05):
+            if self.server.killed.is_set():
+                raise _Killed
+
     def wait(self, seconds: float) -> None:
         if seconds > 0 and self.server.killed.wait(seconds):
             raise _Killed
@@ -1130,5 +1148,5 @@ def _cut_at_stop(tokens: list[_Token], words: list[str]) -> tuple[list[_Token], 
 
 __all__ = ["BYTE_OFFSET", "ENDOFTEXT", "IM_END", "IM_START", "PIECE_OFFSET", "Behaviour",
            "FakeLlamaServer", "Request", "connection_reset", "cut_stream", "error",
-           "invalid_json", "loading", "missing_fields", "no_slot", "rate_limited", "raw",
+           "held", "invalid_json", "loading", "missing_fields", "no_slot", "rate_limited", "raw",
            "reply", "slow", "stream_error"]

@@ -4,7 +4,6 @@ tightly."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import threading
 import time
@@ -22,6 +21,7 @@ from bot.devtools.fakeinference import (
     connection_reset,
     cut_stream,
     error,
+    held,
     invalid_json,
     missing_fields,
     no_slot,
@@ -217,32 +217,39 @@ def test_unavailable(fake: FakeLlamaServer, client: httpx.Client) -> None:
 
 
 def test_slow_first_byte(fake: FakeLlamaServer) -> None:
-    fake.on("/completion", slow(first_byte=0.4))
+    gate = threading.Event()
+    fake.on("/completion", held(gate) | slow(first_byte=0.2))
     order: list[str] = []
 
     def slow_request() -> None:
-        httpx.post(fake.url + "/completion", json={"prompt": "x"}, timeout=10.0)
+        started = time.monotonic()
+        answer = httpx.post(fake.url + "/completion", json={"prompt": "x"}, timeout=30.0)
+        assert answer.status_code == 200
         order.append("slow")
+        waited.append(time.monotonic() - started)
 
+    waited: list[float] = []
     thread = threading.Thread(target=slow_request)
     thread.start()
     fake.wait_requests("/completion")
     assert httpx.get(fake.url + "/health", timeout=10.0).status_code == 200
     order.append("fast")
+    assert thread.is_alive() and order == ["fast"]  # still held
+    gate.set()
     thread.join(10)
     assert order == ["fast", "slow"]
+    assert waited[0] >= 0.2  # the first-byte delay came after the gate
 
 
 def test_slow_chunks(fake: FakeLlamaServer, client: httpx.Client) -> None:
     fake.on("/completion", slow(between_chunks=0.15) | reply(["a", "b", "c"]))
-    arrivals: list[float] = []
+    started = time.monotonic()
+    got: list[Any] = []
     with client.stream("POST", "/completion", json={"prompt": "x", "stream": True}) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                arrivals.append(time.monotonic())
-    assert len(arrivals) == 4
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    assert all(gap > 0.05 for gap in gaps)  # each event waited for its own delay
+        got = events(response.iter_lines())
+        finished = time.monotonic()
+    assert [e["content"] for e in got] == ["a", "b", "c", ""]
+    assert finished - started >= 0.45  # three waits between the four events
     assert fake.last("/completion").behaviour == "slow+reply"
 
 

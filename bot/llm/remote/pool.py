@@ -108,6 +108,11 @@ class ServerPool:
                     self.mark_down(server, _describe(exc))
                     reasons.append(f"{server.url}: {server.reason}")
                     continue
+                except httpx.HTTPError as exc:
+                    # Connected, then the answer broke off (a crash, a proxy cutting it): an
+                    # error of this request; if the server is gone, the next one finds out.
+                    raise InferenceError(f"inference server {server.url} broke off its "
+                                         f"answer: {_describe(exc)}") from exc
             self.mark_up(server)
             return result
         raise ServerUnavailable("no inference server can be reached: " + "; ".join(reasons))
