@@ -195,6 +195,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "LOOPBOT_BASE_URL": "telegram.base_url",
     "LOOPBOT_MODEL": "model.path",
     "LOOPBOT_MODEL_DIR": "model.model_dir",
+    "LOOPBOT_MODEL_BACKEND": "model.backend",
     "LOOPBOT_MODEL_URL": "model.url",
     "LOOPBOT_MODEL_API_KEY": "model.api_key",
     "LOOPBOT_THREADS": "model.n_threads",

@@ -144,16 +144,25 @@ class ServerPool:
         while True:
             await asyncio.sleep(max(0.2, self.retry_s))
             for server in [s for s in self.servers if not s.up]:
-                try:
-                    response = await self.client.get(server.url + "/health",
-                                                     timeout=httpx.Timeout(5.0))
-                except httpx.HTTPError as exc:
-                    server.reason = _describe(exc)
-                    continue
-                if response.status_code == 200:
-                    self.mark_up(server)
-                else:
-                    server.reason = f"/health answers {response.status_code}"
+                await self._probe(server)
+
+    async def _probe(self, server: Server) -> None:
+        """llama-server and vLLM answer /health; Ollama and LM Studio have none, but list
+        their models: either answering 200 means the server is back."""
+        status = 0
+        for path in ("/health", "/v1/models"):
+            try:
+                response = await self.client.get(server.url + path, timeout=httpx.Timeout(5.0))
+            except httpx.HTTPError as exc:
+                server.reason = _describe(exc)
+                return
+            status = response.status_code
+            if status == 200:
+                self.mark_up(server)
+                return
+            if status != 404:
+                break
+        server.reason = f"/health answers {status}"
 
     async def aclose(self) -> None:
         if self._watcher is not None:
