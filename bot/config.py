@@ -355,9 +355,17 @@ def _validate_remote(model: ModelConfig) -> None:
     if not model.url:
         raise ConfigError("model.url: backend 'remote' needs the inference server's URL "
                           "(e.g. http://127.0.0.1:8080; env LOOPBOT_MODEL_URL)")
+    seen: set[str] = set()
     for i, url in enumerate(model.url):
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"model.url[{i}]: must start with http:// or https://, got {url!r}")
+        base = url.rstrip("/")
+        if base.endswith("/v1"):
+            raise ConfigError(f"model.url[{i}]: give the server's base URL without /v1 "
+                              f"({base[:-3]!r}); the bot adds the API paths itself")
+        if base in seen:
+            raise ConfigError(f"model.url[{i}]: {url!r} is listed twice")
+        seen.add(base)
     if model.remote_api == "openai-chat" and model.verdicts == "remote":
         raise ConfigError("model.verdicts: 'remote' needs model.remote_api 'llama-server'; an "
                           "OpenAI chat endpoint cannot give exact label probabilities, so "

@@ -13,10 +13,16 @@ from typing import Any
 
 import pytest
 
-from bot.config import ModelConfig
+from bot.config import ConfigError, ModelConfig, load_settings
 from bot.devtools import fakeinference as fi
 from bot.llm.remote.runtime import RemoteRuntime
-from bot.llm.types import InferenceError, RuntimeBusy, ServerBusy, ServerUnavailable
+from bot.llm.types import (
+    InferenceError,
+    RuntimeBusy,
+    ServerBusy,
+    ServerUnavailable,
+    UnsupportedModel,
+)
 from bot.prompts import PromptVersion, load_directory
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -246,3 +252,28 @@ def test_no_server_reachable_is_busy_and_named(zh: PromptVersion) -> None:
     error, problems = asyncio.run(run())
     assert isinstance(error, RuntimeBusy) and url in str(error)
     assert len(problems) == 1 and url in problems[0]
+
+
+def test_servers_serving_different_models_are_refused_at_start() -> None:
+    with fi.FakeLlamaServer(model_path="/m/a-q8_0.gguf") as one, \
+            fi.FakeLlamaServer(model_path="/m/a-q4_0.gguf") as two:
+        async def run() -> None:
+            runtime = _runtime(one.url, two.url, api_key="")
+            try:
+                with pytest.raises(UnsupportedModel, match="serve different models"):
+                    await runtime.start()
+            finally:
+                await runtime.close()
+
+        asyncio.run(run())
+
+
+@pytest.mark.parametrize(("urls", "words"), [
+    (["http://a:8080/v1"], "without /v1"),
+    (["http://a:8080", "http://a:8080/"], "listed twice"),
+    (["a:8080"], "must start with http"),
+    ([], "needs the inference server's URL"),
+])
+def test_bad_server_urls_are_named(urls: list[str], words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        load_settings(None, env={}, overrides={"model.backend": "remote", "model.url": urls})

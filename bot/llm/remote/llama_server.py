@@ -41,22 +41,27 @@ class LlamaServerApi:
     name = "llama-server"
     can_score = True
 
-    def __init__(self, pool: ServerPool, *, max_input_tokens: int, n_ctx: int) -> None:
+    def __init__(self, pool: ServerPool, *, max_input_tokens: int, n_ctx: int,
+                 verdict_cells: int = 768) -> None:
         self.pool = pool
         self.max_input_tokens = max_input_tokens
         self.n_ctx = n_ctx
+        # The in-process verdict context's size: a message is cut where it would be cut there,
+        # so both score the same tokens.
+        self.verdict_cells = verdict_cells
         # Token ids of pieces that recur (system prompts, examples, framing, labels).
         self._pieces: OrderedDict[tuple[str, bool], list[int]] = OrderedDict()
 
-    async def model_id(self) -> str:
-        async def ask(server: Server) -> str:
-            props = await self.pool.get_json(server, "/props")
-            path = props.get("model_path") if isinstance(props, dict) else None
-            if not isinstance(path, str) or not path:
-                raise InferenceError(f"{server.url}/props names no model_path: is it llama-server?")
-            return path.replace("\\", "/").rsplit("/", 1)[-1]
+    async def model_of(self, server: Server) -> str:
+        """The model file's name, from the server's ``/props``."""
+        props = await self.pool.get_json(server, "/props")
+        path = props.get("model_path") if isinstance(props, dict) else None
+        if not isinstance(path, str) or not path:
+            raise InferenceError(f"{server.url}/props names no model_path: is it llama-server?")
+        return path.replace("\\", "/").rsplit("/", 1)[-1]
 
-        return await self.pool.call("model", ask)
+    async def model_id(self) -> str:
+        return await self.pool.call("model", self.model_of)
 
     # -- tokens ----------------------------------------------------------------------------
     async def tokenize(self, text: str, *, special: bool, key: str) -> list[int]:
@@ -101,21 +106,32 @@ class LlamaServerApi:
             raise InferenceError(f"label '{label}' tokenizes to nothing")
         return tokens
 
-    async def _query(self, text: str, key: str) -> tuple[list[int], bool]:
+    async def _query(self, text: str, key: str, room: int | None = None
+                     ) -> tuple[list[int], bool]:
+        """The message framed for the classifier, its text cut to ``room`` tokens (at most
+        ``max_input_tokens``), as in process."""
         head = await self.encode([chatml.Piece(chatml.IM_START, True), chatml.Piece("user\n")],
                                  key)
         tail = await self.encode([chatml.Piece(chatml.IM_END, True), chatml.Piece("\n"),
                                   *chatml.assistant_opening()], key)
+        keep = self.max_input_tokens if room is None else min(
+            self.max_input_tokens, room - len(head) - len(tail))
+        if keep <= 0:
+            raise InferenceError("the prompt version leaves no room for a message in the "
+                                 f"verdict context ({self.verdict_cells} tokens: raise "
+                                 "model.verdict_kv_tokens)")
         body = await self.tokenize(text, special=False, key=key)
-        truncated = len(body) > self.max_input_tokens
-        return head + body[:self.max_input_tokens] + tail, truncated
+        return head + body[:keep] + tail, len(body) > keep
 
     # -- verdicts --------------------------------------------------------------------------
     async def score(self, version: PromptVersion, text: str, *, key: str) -> Score:
         prefix = await self.encode(chatml.classifier_prefix(version), key)
-        query, truncated = await self._query(text, key)
-        prompt = prefix + query
         labels = {name: await self.label_tokens(name, key) for name in version.label_names}
+        # In process the message gets what the verdict context leaves after the prefix, the
+        # framing and the longest label: the same cut here.
+        room = self.verdict_cells - len(prefix) - max(len(t) for t in labels.values())
+        query, truncated = await self._query(text, key, room)
+        prompt = prefix + query
         known: dict[int, float] = {}  # first-position log-probabilities seen so far
         logprobs: dict[str, float] = {}
         for name, tokens in labels.items():
@@ -143,14 +159,32 @@ class LlamaServerApi:
     async def reply_prompt(self, version: PromptVersion, history: Sequence[ChatTurn],
                            text: str, key: str) -> list[int]:
         """The chat prompt, the oldest turns dropped until prompt and answer fit n_ctx."""
+        # As in process: room to answer (max_tokens, at most half of n_ctx), the user's text
+        # cut to max_input_tokens, the oldest turns dropped first.
+        budget = self.n_ctx - min(version.generation.max_tokens, self.n_ctx // 2) - 1
+        body = await self.tokenize(text, special=False, key=key)
+        if len(body) > self.max_input_tokens:
+            text = await self.detokenize(body[:self.max_input_tokens], key)
         turns = list(history)
-        budget = self.n_ctx - version.generation.max_tokens
         while True:
             pieces = chatml.chat_prompt(version, turns, text)
             tokens = await self.encode(pieces, key, cache=False)
             if len(tokens) <= budget or not turns:
-                return tokens  # a single message too long for n_ctx: the server says so
+                break
             turns = turns[1:]
+        if len(tokens) > budget:
+            raise InferenceError("the message is too long to answer within the context")
+        return tokens
+
+    async def detokenize(self, tokens: list[int], key: str) -> str:
+        async def ask(server: Server) -> str:
+            body = await self.pool.post_json(server, "/detokenize", {"tokens": tokens})
+            content = body.get("content") if isinstance(body, dict) else None
+            if not isinstance(content, str):
+                raise InferenceError(f"{server.url}/detokenize answered without content")
+            return content
+
+        return await self.pool.call(key, ask)
 
     async def stream_reply(self, version: PromptVersion, history: Sequence[ChatTurn],
                            text: str, *, key: str,
@@ -174,7 +208,8 @@ class LlamaServerApi:
                     if isinstance(piece, str) and piece:
                         on_piece(piece)
                     if event.get("stop") is True:
-                        tokens = int(event.get("tokens_predicted") or 0)
+                        predicted = event.get("tokens_predicted")
+                        tokens = predicted if isinstance(predicted, int) else 0
                         stop = "length" if event.get("stop_type") == "limit" else "eos"
                         break
             if not stop:

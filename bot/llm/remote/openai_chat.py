@@ -39,19 +39,20 @@ class OpenAIChatApi:
         self.pool = pool
         self.model = model
 
-    async def model_id(self) -> str:
+    async def model_of(self, server: Server) -> str:
+        """The configured model name, else the first one the server lists."""
         if self.model:
             return self.model
+        body = await self.pool.get_json(server, "/v1/models")
+        try:
+            return str(body["data"][0]["id"])
+        except (KeyError, IndexError, TypeError):
+            raise InferenceError(f"{server.url}/v1/models lists no model: set "
+                                 "model.remote_model") from None
 
-        async def ask(server: Server) -> str:
-            body = await self.pool.get_json(server, "/v1/models")
-            try:
-                return str(body["data"][0]["id"])
-            except (KeyError, IndexError, TypeError):
-                raise InferenceError(f"{server.url}/v1/models lists no model: set "
-                                     "model.remote_model") from None
-
-        self.model = await self.pool.call("model", ask)
+    async def model_id(self) -> str:
+        if not self.model:
+            self.model = await self.pool.call("model", self.model_of)
         return self.model
 
     @staticmethod
@@ -84,11 +85,12 @@ class OpenAIChatApi:
                     except (KeyError, IndexError, TypeError):
                         raise InferenceError(f"{server.url} streamed a chunk without choices") \
                             from None
-                    piece = (choice.get("delta") or {}).get("content")
+                    delta = choice.get("delta") if isinstance(choice, dict) else None
+                    piece = delta.get("content") if isinstance(delta, dict) else None
                     if isinstance(piece, str) and piece:
                         pieces += 1
                         on_piece(piece)
-                    reason = choice.get("finish_reason")
+                    reason = choice.get("finish_reason") if isinstance(choice, dict) else None
                     if reason:
                         stop = "length" if reason == "length" else "eos"
             if not stop:

@@ -113,9 +113,28 @@ class ServerPool:
                     # error of this request; if the server is gone, the next one finds out.
                     raise InferenceError(f"inference server {server.url} broke off its "
                                          f"answer: {_describe(exc)}") from exc
+                except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                    # An answer of an unexpected shape: this request's error, not a crash.
+                    raise InferenceError(f"inference server {server.url} answered in an "
+                                         f"unexpected shape: {_describe(exc)}") from exc
             self.mark_up(server)
             return result
         raise ServerUnavailable("no inference server can be reached: " + "; ".join(reasons))
+
+    async def each(self, request: Callable[[Server], Awaitable[T]]) -> dict[str, T]:
+        """``request`` on every server that can be reached, by URL (at start)."""
+        answers: dict[str, T] = {}
+        for server in self.servers:
+            try:
+                answers[server.url] = await request(server)
+            except _UNREACHABLE as exc:
+                self.mark_down(server, _describe(exc))
+                continue
+            except httpx.HTTPError as exc:
+                raise InferenceError(f"inference server {server.url}: {_describe(exc)}") \
+                    from exc
+            self.mark_up(server)
+        return answers
 
     async def post_json(self, server: Server, path: str, body: dict[str, Any]) -> Any:
         response = await self.client.post(server.url + path, json=body)
@@ -144,7 +163,11 @@ class ServerPool:
         while True:
             await asyncio.sleep(max(0.2, self.retry_s))
             for server in [s for s in self.servers if not s.up]:
-                await self._probe(server)
+                try:
+                    await self._probe(server)
+                except Exception as exc:  # the watcher must outlive any odd answer
+                    log.warning("probing %s failed: %s", server.url, exc)
+                    server.reason = _describe(exc)
 
     async def _probe(self, server: Server) -> None:
         """llama-server and vLLM answer /health; Ollama and LM Studio have none, but list

@@ -22,9 +22,17 @@ from bot.llm import scoring
 from bot.llm.backends.base import Score
 from bot.llm.remote.llama_server import LlamaServerApi
 from bot.llm.remote.openai_chat import OpenAIChatApi
-from bot.llm.remote.pool import ServerPool
+from bot.llm.remote.pool import Server, ServerPool
 from bot.llm.runtime import IDLE_MESSAGE
-from bot.llm.types import ChatTurn, InferenceError, Reply, RuntimeBusy, ServerBusy, Verdict
+from bot.llm.types import (
+    ChatTurn,
+    InferenceError,
+    Reply,
+    RuntimeBusy,
+    ServerBusy,
+    UnsupportedModel,
+    Verdict,
+)
 from bot.prompts import PromptVersion
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,8 @@ class RemoteApi(Protocol):
 
     async def model_id(self) -> str: ...
 
+    async def model_of(self, server: Server) -> str: ...
+
     async def stream_reply(self, version: PromptVersion, history: Sequence[ChatTurn],
                            text: str, *, key: str,
                            on_piece: Callable[[str], None]) -> tuple[int, str]: ...
@@ -44,7 +54,8 @@ class RemoteApi(Protocol):
 
 def make_api(pool: ServerPool, config: ModelConfig) -> LlamaServerApi | OpenAIChatApi:
     if config.remote_api == "llama-server":
-        return LlamaServerApi(pool, max_input_tokens=config.max_input_tokens, n_ctx=config.n_ctx)
+        return LlamaServerApi(pool, max_input_tokens=config.max_input_tokens, n_ctx=config.n_ctx,
+                              verdict_cells=config.verdict_kv_tokens)
     return OpenAIChatApi(pool, model=config.remote_model)
 
 
@@ -75,11 +86,24 @@ class RemoteRuntime:
         self._started = True
         self.pool.start_watching()
         try:
-            self._model = await self.api.model_id()
+            models = await asyncio.wait_for(self.pool.each(self.api.model_of),
+                                            self.config.verdict_timeout_s)
+        except TimeoutError:
+            log.warning("inference servers did not say which model they serve within %gs",
+                        self.config.verdict_timeout_s)
+            return
+        # One scorer name stands for every server: they must serve the same model file.
+        if len(set(models.values())) > 1:
+            raise UnsupportedModel("the inference servers serve different models ("
+                                   + ", ".join(f"{u}: {m}" for u, m in models.items())
+                                   + "): verdicts of one bot must come from one model")
+        if models:
+            self._model = next(iter(models.values()))
             log.info("inference on %s (%s, model %s)", ", ".join(self.config.url),
                      self.api.name, self._model)
-        except InferenceError as exc:
-            log.warning("inference servers not reachable at start: %s", exc)
+        else:
+            log.warning("no inference server reachable at start: %s",
+                        "; ".join(self.pool.problems()))
 
     async def close(self) -> None:
         if self._closed:
@@ -108,8 +132,18 @@ class RemoteRuntime:
 
     async def scorer(self) -> str:
         if self._model is None:
-            self._model = await self.api.model_id()
+            try:
+                self._model = await asyncio.wait_for(self.api.model_id(),
+                                                     self.config.verdict_timeout_s)
+            except TimeoutError:
+                raise ServerBusy("the inference server did not say which model it serves "
+                                 f"within {self.config.verdict_timeout_s:g}s") from None
         return f"remote:{self._model}"
+
+    def background(self) -> RemoteBackground:
+        """A classifier for bulk offline checks: one request at a time, with the replies'
+        time limit, so users' verdicts and replies keep the servers' slots."""
+        return RemoteBackground(self)
 
     # -- requests ----------------------------------------------------------------------
     async def classify(self, version: PromptVersion, text: str, *,
@@ -152,16 +186,23 @@ class RemoteRuntime:
                 on_text("".join(parts))
 
         limit = self.config.reply_timeout_s if timeout is None else timeout
+        tokens, stop = await self._bounded(
+            self._counted(self.api.stream_reply(version, history, text, key=key,
+                                                on_piece=on_piece), parts),
+            limit, "reply")
+        return Reply(text="".join(parts).strip(), tokens=tokens or len(parts),
+                     latency_ms=(time.perf_counter() - started) * 1000.0, stopped_by=stop)
+
+    async def _counted(self, work: Coroutine[Any, Any, tuple[int, str]],
+                       parts: list[str]) -> tuple[int, str]:
+        """A reply that was admitted, in this busy period's account."""
         self._period.begin()
         tokens = 0
         try:
-            tokens, stop = await self._bounded(
-                self.api.stream_reply(version, history, text, key=key, on_piece=on_piece),
-                limit, "reply")
+            tokens, stop = await work
+            return tokens, stop
         finally:
             self._period.end(tokens or len(parts))
-        return Reply(text="".join(parts).strip(), tokens=tokens or len(parts),
-                     latency_ms=(time.perf_counter() - started) * 1000.0, stopped_by=stop)
 
     async def _bounded(self, work: Coroutine[Any, Any, T], limit: float, what: str) -> T:
         """Run one request within ``limit`` seconds; a full queue or a slow server is busy."""
@@ -182,6 +223,15 @@ class RemoteRuntime:
 
 def _close(work: Coroutine[Any, Any, Any]) -> None:
     work.close()  # never awaited: closed, so Python does not warn about it
+
+
+class RemoteBackground:
+    def __init__(self, runtime: RemoteRuntime) -> None:
+        self._runtime = runtime
+
+    async def classify(self, version: PromptVersion, text: str) -> Verdict:
+        return await self._runtime.classify(version, text, background=True,
+                                            timeout=self._runtime.config.reply_timeout_s)
 
 
 class _Period:
@@ -232,6 +282,8 @@ class LocalRuntime(Protocol):
 
     def problems(self) -> list[str]: ...
 
+    def background(self) -> Any: ...
+
     async def classify(self, version: PromptVersion, text: str, *,
                        timeout: float | None = None, use_cache: bool = True,
                        background: bool = False, session: str | None = None) -> Verdict: ...
@@ -276,6 +328,10 @@ class MixedRuntime:
                        background: bool = False, session: str | None = None) -> Verdict:
         return await self.local.classify(version, text, timeout=timeout, use_cache=use_cache,
                                          background=background, session=session)
+
+    def background(self) -> Any:
+        """Offline checks at the in-process worker's background priority."""
+        return self.local.background()
 
     async def reply(self, version: PromptVersion, history: Sequence[ChatTurn], text: str, *,
                     timeout: float | None = None, on_text: Callable[[str], None] | None = None,
