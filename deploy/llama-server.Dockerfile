@@ -30,7 +30,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 # The requirement of pyproject.toml and deploy/Dockerfile: keep the three in step.
 ARG LLAMA_CPP_PYTHON="llama-cpp-python>=0.3.16,<0.4"
-# Empty = the portable flags of scripts/bootstrap.sh: x86-64-v3 (AVX2/FMA/F16C) with AVX-512
+# Empty = the portable flags of scripts/portable-flags.sh (repeated below: this build
+# context is deploy/ alone): x86-64-v3 (AVX2/FMA/F16C) with AVX-512
 # and AMX off (a native build crashes on another CPU, and ggml's AMX matmul segfaults with
 # Q8_0 models on CPUs that report AMX).
 ARG CMAKE_ARGS=""

@@ -23,14 +23,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 
-case "$(uname -m)" in
-  x86_64|amd64)
-    # x86-64-v3 baseline (Haswell and newer): AVX2/FMA/F16C on, AVX-512 and AMX off.
-    PORTABLE="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
--DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" ;;
-  *)
-    PORTABLE="-DGGML_NATIVE=OFF" ;;
-esac
+# shellcheck source=portable-flags.sh
+source scripts/portable-flags.sh
 export CMAKE_ARGS="${CMAKE_ARGS:-$PORTABLE}"
 
 extras=${LOOPBOT_EXTRAS:-dev,bench}

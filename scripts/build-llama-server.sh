@@ -17,13 +17,8 @@ if [ -x "$dest/llama-server" ]; then
   exit 0
 fi
 
-case "$(uname -m)" in
-  x86_64|amd64)
-    PORTABLE="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
--DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" ;;
-  *)
-    PORTABLE="-DGGML_NATIVE=OFF" ;;
-esac
+# shellcheck source=portable-flags.sh
+source scripts/portable-flags.sh
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

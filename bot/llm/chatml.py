@@ -52,3 +52,9 @@ def chat_prompt(version: PromptVersion, history: Sequence[ChatTurn], text: str) 
         pieces += message("assistant" if turn.role == "assistant" else "user", turn.text)
     pieces += message("user", text)
     return pieces + assistant_opening()
+
+
+def reply_budget(n_ctx: int, max_tokens: int) -> int:
+    """Prompt tokens a reply may take: what leaves room to answer within ``n_ctx`` (a
+    ``max_tokens`` beyond half of it is capped), the same in process and on a server."""
+    return n_ctx - min(max_tokens, n_ctx // 2) - 1

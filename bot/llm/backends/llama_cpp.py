@@ -330,9 +330,7 @@ class LlamaCppBackend:
     def chat_tokens(self, version: PromptVersion, history: Sequence[ChatTurn],
                     text: str) -> list[int]:
         """The reply prompt, dropping the oldest turns until it leaves room to answer."""
-        # Leave room to answer; a max_tokens beyond half the limit is capped by the limit.
-        limit = self.reply_limit
-        budget = limit - min(version.generation.max_tokens, limit // 2) - 1
+        budget = chatml.reply_budget(self.reply_limit, version.generation.max_tokens)
         body = self.tokenize(text, special=False)[: self.max_input_tokens]
         text = self.detokenize(body)
         turns = list(history)

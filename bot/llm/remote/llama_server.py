@@ -159,9 +159,9 @@ class LlamaServerApi:
     async def reply_prompt(self, version: PromptVersion, history: Sequence[ChatTurn],
                            text: str, key: str) -> list[int]:
         """The chat prompt, the oldest turns dropped until prompt and answer fit n_ctx."""
-        # As in process: room to answer (max_tokens, at most half of n_ctx), the user's text
-        # cut to max_input_tokens, the oldest turns dropped first.
-        budget = self.n_ctx - min(version.generation.max_tokens, self.n_ctx // 2) - 1
+        # As in process: room to answer, the user's text cut to max_input_tokens, the oldest
+        # turns dropped first.
+        budget = chatml.reply_budget(self.n_ctx, version.generation.max_tokens)
         body = await self.tokenize(text, special=False, key=key)
         if len(body) > self.max_input_tokens:
             text = await self.detokenize(body[:self.max_input_tokens], key)
