@@ -10,7 +10,8 @@ of decode steps. ``rss_mb`` is this process's peak resident memory (``VmHWM``) w
 what ``loopbot run`` holds: the same model contexts (after a full batch of replies), the
 Telegram application and its libraries, an open database.
 
-``--load N`` drives ``loopbot run`` itself instead (:mod:`bot.bench_load_cli`).
+``--load N`` drives ``loopbot run`` itself instead (:mod:`bot.bench_load_cli`); ``--store``
+measures only the database: vote commit latency on SQLite and PostgreSQL (:mod:`bot.bench_store`).
 """
 
 from __future__ import annotations
@@ -184,6 +185,8 @@ async def _measure(runtime: ModelRuntime, version: PromptVersion, *, rounds: int
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.store:
+        return _run_store(args)
     settings = load_settings(args.config, overrides={"model.path": args.model,
                                                      "model.n_threads": args.threads})
     model = Path(args.model) if args.model else default_bench_model(settings)
@@ -210,6 +213,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         for key, value in result.items():
             print(f"{key:>24}: {value}")
+    return 0
+
+
+def _run_store(args: argparse.Namespace) -> int:
+    """``--store``: the storage benchmark only (no settings, no model)."""
+    from bot.bench_store import format_table, parse_rates, run_store_bench
+
+    try:
+        rates = parse_rates(args.store_rates)
+        if not args.store_seconds > 0:
+            raise ValueError(f"--store-seconds {args.store_seconds:g}: must be positive")
+        result = run_store_bench(store_url=args.store_url, seconds=args.store_seconds,
+                                 rates=rates)
+    except ValueError as exc:
+        print(f"loopbot bench: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else format_table(result))
     return 0
 
 
@@ -246,4 +266,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--conversations", action="store_true",
                         help="with --load: the same chats write every round (their history "
                         "grows) instead of new chats each round")
+    parser.add_argument("--store", action="store_true",
+                        help="measure only the database: vote commit latency p50/p99 on "
+                        "SQLite and PostgreSQL at 50 and 500 writes/s (no model is loaded)")
+    parser.add_argument("--store-url", default=None, metavar="URL",
+                        help="with --store: the PostgreSQL database to write to (it gets the "
+                        "schema and benchmark rows: use an empty one); default: a throwaway "
+                        "durable cluster, if the PostgreSQL server binaries are installed")
+    parser.add_argument("--store-seconds", type=float, default=10.0, metavar="S",
+                        help="with --store: seconds of load per database and rate (default 10)")
+    # Tests: other rates than 50 and 500 writes/s, e.g. "20,50".
+    parser.add_argument("--store-rates", default="50,500", help=argparse.SUPPRESS)
     parser.set_defaults(func=run)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import yaml
 
 from bot import texts
 from bot.devtools.fakebotapi import FakeBotAPI
+from bot.store.readonly import reply_texts
 
 # What the bot says instead of an answer when it cannot give one.
 NOTICES = {texts.t(key, lang): key for key in ("busy", "timeout", "error")
@@ -215,16 +215,14 @@ def play_round(bot: BotUnderLoad, chats: list[int], round_no: int, *,
 
 def _check_complete(db: Path, outcomes: list[ChatOutcome]) -> None:
     """A reply is complete once every piece of the text the bot stored has arrived."""
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-        for outcome in outcomes:
-            row = conn.execute(
-                "SELECT reply_text FROM interactions WHERE chat_id = ? AND message_id = ?",
-                (outcome.chat_id, outcome.message_id)).fetchone()
-            if row is None or row[0] is None:
-                continue
-            pieces = texts.split_message(row[0]) or ["(empty)"]
-            if outcome.pieces >= len(pieces):
-                outcome.complete = True
+    stored = reply_texts(db, [(o.chat_id, o.message_id) for o in outcomes])
+    for outcome in outcomes:
+        text = stored.get((outcome.chat_id, outcome.message_id))
+        if text is None:
+            continue
+        pieces = texts.split_message(text) or ["(empty)"]
+        if outcome.pieces >= len(pieces):
+            outcome.complete = True
 
 
 def _quantile(values: list[float], q: float) -> float:

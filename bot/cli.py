@@ -14,11 +14,13 @@ from bot.errors import LoopbotError
 # its heavy imports (llama.cpp, telegram, matplotlib) inside its handlers.
 COMMAND_MODULES = (
     "bot.telegram.run_cli",
+    "bot.telegram.webhook_cli",
     "bot.console",
     "bot.llm.model_cli",
     "bot.bench",
     "bot.prompts_cli",
     "bot.ops.backup_cli",
+    "bot.ops.db_cli",
     "bot.experiment_cli",
     "bot.learning_cli",
     "bot.simulate_cli",

@@ -54,6 +54,18 @@ class TelegramConfig:
     webhook_url: str = ""
     webhook_listen: str = "0.0.0.0:8443"
     webhook_secret: str = ""
+    # Whether `loopbot run` registers the webhook (setWebhook) at start. Several replicas
+    # behind a load balancer set this to false, share one webhook_secret and register once
+    # with `loopbot webhook set` (otherwise each start would replace the others' secret).
+    webhook_register: bool = True
+    # How many bot processes share this bot token and database: Telegram's overall send rate
+    # (~30/s) and the per-user rate limit are divided among them.
+    replicas: int = 1
+    # This replica's name: the owner of the messages, chats and jobs it claims in the
+    # database. Keep it stable across restarts (e.g. the container name), so a restarted
+    # replica resumes its own claims at once; empty = "local" for one replica, else
+    # <hostname>-<pid>. Env: LOOPBOT_REPLICA_ID
+    replica_id: str = ""
     # Largest webhook request body accepted (Telegram's updates are a few kB).
     webhook_max_body_bytes: int = 1_048_576
     # Messages a group may have waiting to be sent before it is told the bot is busy and new
@@ -132,8 +144,11 @@ class ModelConfig:
 
 @dataclass
 class StorageConfig:
-    # The SQLite database (WAL mode; keep it on a local disk).
+    # The SQLite database (WAL mode; keep it on a local disk). Used when url is empty.
     db: str = "loopbot.db"
+    # SQLAlchemy-style database URL: empty = sqlite:///<db>; postgresql://user:pass@host/name
+    # for several replicas on one shared database. Env: LOOPBOT_DATABASE_URL
+    url: str = ""
     # Message texts older than this are erased (votes and labels stay). 0 = keep forever.
     retention_days: int = 90
     # Nightly backups go here; the newest backup_keep are kept.
@@ -200,6 +215,10 @@ ENV_OVERRIDES: dict[str, str] = {
     "LOOPBOT_MODEL_API_KEY": "model.api_key",
     "LOOPBOT_THREADS": "model.n_threads",
     "LOOPBOT_DB": "storage.db",
+    "LOOPBOT_DATABASE_URL": "storage.url",
+    "LOOPBOT_WEBHOOK_REGISTER": "telegram.webhook_register",
+    "LOOPBOT_REPLICAS": "telegram.replicas",
+    "LOOPBOT_REPLICA_ID": "telegram.replica_id",
     "LOOPBOT_PROMPTS": "prompts.directory",
     "LOOPBOT_HEALTH_PORT": "health.port",
     "LOOPBOT_WEBHOOK_SECRET": "telegram.webhook_secret",
@@ -339,6 +358,11 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("storage.retention_days: must be 0 (keep forever) or more")
     if settings.storage.backup_keep < 1:
         raise ConfigError("storage.backup_keep: must be at least 1")
+    if settings.storage.url and not settings.storage.url.startswith(
+            ("sqlite://", "postgresql://", "postgres://", "postgresql+asyncpg://")):
+        raise ConfigError("storage.url: must start with sqlite:/// or postgresql://")
+    if settings.telegram.replicas < 1:
+        raise ConfigError("telegram.replicas: must be at least 1")
     if not 0 <= settings.health.port <= 65535:
         raise ConfigError("health.port: must be between 0 and 65535")
     check = getattr(settings.experiment, "validate", None)
@@ -428,3 +452,27 @@ def prompts_directory(settings: Settings) -> Path:
     if configured.is_dir() or Path(settings.prompts.directory).expanduser().is_absolute():
         return configured
     return BUNDLED_PROMPTS if BUNDLED_PROMPTS.is_dir() else configured
+
+
+def replica_name(settings: Settings) -> str:
+    """This process's name among the replicas (see ``telegram.replica_id``)."""
+    import os
+    import socket
+
+    tg = settings.telegram
+    if tg.replica_id:
+        return tg.replica_id
+    if tg.replicas <= 1:
+        return "local"
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def database_target(settings: Settings) -> str:
+    """Where the database is: ``storage.url`` when set, else the SQLite file ``storage.db``
+    (which may itself be a URL, e.g. ``--db postgresql://...``)."""
+    if settings.storage.url:
+        return settings.storage.url
+    db = settings.storage.db
+    if "://" in db:
+        return db
+    return str(resolve_path(settings, db))

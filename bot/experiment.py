@@ -83,6 +83,7 @@ from bot import routing, versions
 from bot.prompts import PromptVersion
 from bot.store.db import Database
 from bot.store.experiments import ExperimentReader, ReactionRow, ServedRow, VoteRow
+from bot.store.outbox import Outgoing
 from bot.texts import decisions as texts
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,9 @@ class Outcome:
     # observations the engine counts (one per verdict, after the per-text cap).
     raw_votes: tuple[int, int] = (0, 0)
     observations: tuple[int, int] = (0, 0)
+    # The admins' message went into the outbox with the decision (``analyze(notify=...)``):
+    # the sender delivers it, nobody sends it again.
+    noted: bool = False
 
     @property
     def action(self) -> Action:
@@ -504,7 +508,7 @@ def audit_stats(decision: Decision, snapshot: ExperimentSnapshot) -> dict[str, A
 async def apply_decision(
     db: Database, experiment: Experiment, decision: Decision,
     prompt_versions: Mapping[str, PromptVersion], *, reason: str, actor: str = ENGINE_ACTOR,
-    now: float | None = None,
+    now: float | None = None, notes: versions.Notes | None = None,
 ) -> versions.AuditEntry | None:
     """Write ``decision`` through :mod:`bot.versions` (one transaction with its audit entry).
 
@@ -527,7 +531,7 @@ async def apply_decision(
             unchanged(await versions.load(db))
         return await _write_decision(db, experiment, decision, prompt_versions,
                                      reason=f"{decision.action}: {reason}", actor=actor,
-                                     now=now, expect=unchanged)
+                                     now=now, expect=unchanged, notes=notes)
     except _StaleSnapshot:
         log.warning("experiment %s vs %s changed since its snapshot: %s not applied",
                     snap.candidate_id, snap.active_id, decision.action)
@@ -541,7 +545,7 @@ class _StaleSnapshot(versions.VersionError):
 async def _write_decision(
     db: Database, experiment: Experiment, decision: Decision,
     prompt_versions: Mapping[str, PromptVersion], *, reason: str, actor: str,
-    now: float | None, expect: versions.Expectation,
+    now: float | None, expect: versions.Expectation, notes: versions.Notes | None,
 ) -> versions.AuditEntry | None:
     snap = experiment.snapshot
     stats = audit_stats(decision, snap)
@@ -552,23 +556,23 @@ async def _write_decision(
         return next((e for e in entries if e.version_id == b), None)
     if decision.action is Action.PROMOTE:
         return await versions.promote(db, b, prompt_versions, actor=actor, reason=reason,
-                                      stats=stats, now=now, expect=expect)
+                                      stats=stats, now=now, expect=expect, notes=notes)
     if decision.action in (Action.REVERT, Action.RETIRE, Action.FREEZE):
         return await versions.retire(db, b, actor=actor, reason=reason, stats=stats, now=now,
-                                     expect=expect)
+                                     expect=expect, notes=notes)
     if decision.action is Action.RAMP:
         if decision.new_share is None:
             raise ValueError("a ramp decision without a new share")
         return await versions.set_canary(db, b, decision.new_share * 100.0, prompt_versions,
                                          actor=actor, reason=reason, stats=stats, now=now,
-                                         expect=expect)
+                                         expect=expect, notes=notes)
     return None
 
 
 async def analyze(
     db: Database, prompt_versions: Mapping[str, PromptVersion], config: DecisionConfig, *,
     now: float | None = None, apply: bool = True, actor: str = ENGINE_ACTOR,
-    apply_restarts: bool = True,
+    apply_restarts: bool = True, notify: Sequence[int] = (),
 ) -> list[Outcome]:
     """Decide for every running candidate and (``apply``) write each decision.
 
@@ -578,7 +582,10 @@ async def analyze(
 
     ``apply_restarts=False`` is for callers that do not serve the prompt files they read (the
     command line): a file edited on disk is not what the running bot serves yet, so the test
-    is restarted by the bot when it loads the file, not here."""
+    is restarted by the bot when it loads the file, not here.
+
+    ``notify``: chats (the admins) told of each applied decision through the outbox, in the
+    decision's own transaction (:attr:`Outcome.noted`)."""
     at = time.time() if now is None else now
     outcomes: list[Outcome] = []
     done: set[str] = set()
@@ -605,9 +612,10 @@ async def analyze(
             skipped = ("the file on disk is not what the bot serves yet; the bot restarts "
                        "this test when it starts with the edited file")
         elif apply and (decision.action is not Action.HOLD or decision.restart):
+            notes = _admin_notes(snap, decision, reason, notify) if notify else None
             try:
                 entry = await apply_decision(db, exp, decision, prompt_versions,
-                                             reason=reason, actor=actor, now=at)
+                                             reason=reason, actor=actor, now=at, notes=notes)
             except Exception as exc:
                 log.exception("could not apply %s for %s", decision.action, snap.candidate_id)
                 error = f"{type(exc).__name__}: {exc}"
@@ -618,4 +626,16 @@ async def analyze(
                                         dry_run=not apply, error=error, skipped=skipped),
             error=error, snapshot=snap, raw_votes=exp.raw_votes,
             observations=exp.observations,
+            noted=entry is not None and bool(notify) and not decision.restart,
         ))
+
+
+def _admin_notes(snap: ExperimentSnapshot, decision: Decision, reason: str,
+                 admins: Sequence[int]) -> versions.Notes:
+    """The admins' message about an applied decision, as outbox rows of its transaction."""
+    def notes(entry: versions.AuditEntry) -> list[Outgoing]:
+        text = texts.admin_message(snap, decision, reason, applied=True, dry_run=False,
+                                   error=None, skipped=None)
+        return [Outgoing(chat_id=admin, chat_type="private", kind="notice",
+                         payload={"text": text}) for admin in admins]
+    return notes

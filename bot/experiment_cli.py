@@ -51,23 +51,17 @@ def run_analyze(args: argparse.Namespace) -> int:
 
     settings = load_settings(getattr(args, "config", None), overrides={"storage.db": args.db})
     db_path = resolve_path(settings, settings.storage.db)
-    if not db_path.is_file():
+    if not settings.storage.url and not db_path.is_file():
         # Opening would create an empty database; there is nothing to analyse.
         print(f"loopbot analyze: no database at {db_path}", file=sys.stderr)
         return 1
     prompt_versions = load_directory(prompts_directory(settings))
     now = time.time() if args.at is None else float(args.at)
     dry_run = bool(args.dry_run)
-    if not dry_run and args.at is not None:
-        last = _last_change(str(db_path))
-        if last is not None and now < last:
-            # Written with a past time, the audit log would go back in time and a version's
-            # "since" would predate changes already made after it.
-            print(f"loopbot analyze: --at {now:.0f} is before the last recorded version change "
-                  f"({last:.0f}); decisions cannot be applied in the past: add --dry-run to "
-                  "replay", file=sys.stderr)
-            return 2
-    outcomes = asyncio.run(_analyze(prompt_versions, settings, now, apply=not dry_run))
+    outcomes = asyncio.run(_analyze(prompt_versions, settings, now, apply=not dry_run,
+                                    check_past=not dry_run and args.at is not None))
+    if outcomes is None:
+        return 2
     if args.json:
         print(json.dumps({"now": now, "db": str(db_path), "dry_run": dry_run,
                           "outcomes": [o.to_json() for o in outcomes]},
@@ -79,21 +73,22 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 1 if any(o.error for o in outcomes) else 0
 
 
-def _last_change(db_path: str) -> float | None:
-    import sqlite3
-
-    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as conn:
-        row = conn.execute("SELECT MAX(at) FROM audit_log").fetchone()
-    return None if row is None or row[0] is None else float(row[0])
-
-
 async def _analyze(prompt_versions: Mapping[str, PromptVersion], settings: Settings,
-                   now: float, *, apply: bool) -> list[Outcome]:
+                   now: float, *, apply: bool, check_past: bool) -> list[Outcome] | None:
     from bot.experiment import analyze
     from bot.store.backup import open_configured_database
+    from bot.store.version_rows import last_change
 
     db = await open_configured_database(settings)
     try:
+        last = await last_change(db) if check_past else None
+        if last is not None and now < last:
+            # Written with a past time, the audit log would go back in time and a version's
+            # "since" would predate changes already made after it.
+            print(f"loopbot analyze: --at {now:.0f} is before the last recorded version change "
+                  f"({last:.0f}); decisions cannot be applied in the past: add --dry-run to "
+                  "replay", file=sys.stderr)
+            return None
         # The files read here may be newer than what the bot serves: restarts are the bot's.
         return await analyze(db, prompt_versions, settings.experiment, now=now, apply=apply,
                              apply_restarts=False)

@@ -33,6 +33,7 @@ from bot.store.queries import (
     NewInteraction,
     Reaction,
     Store,
+    UserForgotten,
     Vote,
 )
 
@@ -200,7 +201,10 @@ class Service:
         self.runtime = runtime
         self.versions = dict(prompt_versions)
         tg = settings.telegram
-        self.rate_limiter = UserRateLimiter(tg.user_rate_limit, tg.user_rate_window_s)
+        # With several replicas behind a load balancer a user's messages are spread over
+        # them: each one allows its share of the limit.
+        self.rate_limiter = UserRateLimiter(max(1, -(-tg.user_rate_limit // tg.replicas)),
+                                            tg.user_rate_window_s)
         # A message is stored seconds after it arrives (the model runs in between); /forget
         # waits for the user's messages in flight so that none is stored after it.
         self.user_locks = UserLocks()
@@ -253,7 +257,10 @@ class Service:
         async with self.user_locks.hold(msg.user_id):
             if await self._forgotten(msg.user_id, msg.update_id):
                 return None
-            return await self._classify(msg, with_verdict=with_verdict, outgoing=outgoing)
+            try:
+                return await self._classify(msg, with_verdict=with_verdict, outgoing=outgoing)
+            except UserForgotten:  # forgotten meanwhile, e.g. on another replica
+                return None
 
     async def _forgotten(self, user_id: int, update_id: int | None) -> bool:
         """Whether an update was sent before its sender's /forget (a late arrival)."""

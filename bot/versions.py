@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import aiosqlite
 
 from bot import routing
 from bot.errors import LoopbotError
 from bot.prompts import PromptVersion
-from bot.store.db import Database, fetchall, fetchone
+from bot.store import version_rows
+from bot.store.db import Connection, Database, Record
+from bot.store.outbox import Outgoing, add_outgoing
 
 ACTIVE = "active"
 CANDIDATE = "candidate"
@@ -76,7 +76,7 @@ class AuditEntry:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _state(row: aiosqlite.Row) -> VersionState:
+def _state(row: Record) -> VersionState:
     return VersionState(
         version_id=row["id"], state=row["state"], share=float(row["share"]),
         range_start=int(row["range_start"]), content_hash=row["content_hash"],
@@ -84,7 +84,7 @@ def _state(row: aiosqlite.Row) -> VersionState:
     )
 
 
-def _entry(row: aiosqlite.Row) -> AuditEntry:
+def _entry(row: Record) -> AuditEntry:
     return AuditEntry(
         id=int(row["id"]), at=float(row["at"]), actor=row["actor"], action=row["action"],
         version_id=row["version_id"], from_state=row["from_state"], to_state=row["to_state"],
@@ -93,7 +93,7 @@ def _entry(row: aiosqlite.Row) -> AuditEntry:
     )
 
 
-def _snapshot(rows: list[aiosqlite.Row]) -> Deployment:
+def _snapshot(rows: list[Record]) -> Deployment:
     states = [_state(r) for r in rows]
     active = next((s for s in states if s.state == ACTIVE), None)
     candidates = tuple(sorted((s for s in states if s.state == CANDIDATE),
@@ -103,64 +103,60 @@ def _snapshot(rows: list[aiosqlite.Row]) -> Deployment:
     return Deployment(active, candidates, retired)
 
 
-_SELECT_STATES = "SELECT * FROM prompt_versions"
 
 
 
 # Checked inside a change's transaction; raises VersionError when the state is not what the
 # caller decided on (e.g. the engine's snapshot, while an admin changed something meanwhile).
 Expectation = Callable[[Deployment], None]
+# What to tell about a change (the admins' message), stored in the outbox in the change's own
+# transaction: a change is never told twice or not at all, whichever replica made it and
+# even if that replica dies right after the commit.
+Notes = Callable[["AuditEntry"], Sequence[Outgoing]]
+
+
+async def _note(conn: Connection, notes: Notes | None, entry: AuditEntry) -> AuditEntry:
+    if notes is not None:
+        await add_outgoing(conn, notes(entry), entry.at)
+    return entry
 
 async def load(db: Database) -> Deployment:
-    return _snapshot(await db.fetchall(_SELECT_STATES))
+    return _snapshot(await version_rows.load(db))
 
 
 async def audit_log(db: Database, *, limit: int = 50, version_id: str | None = None
                     ) -> list[AuditEntry]:
     """Newest first."""
-    if version_id is None:
-        rows = await db.fetchall("SELECT * FROM audit_log ORDER BY id DESC LIMIT ?", (limit,))
-    else:
-        rows = await db.fetchall(
-            "SELECT * FROM audit_log WHERE version_id = ? ORDER BY id DESC LIMIT ?",
-            (version_id, limit),
-        )
+    rows = await version_rows.audit_rows(db, limit=limit, version_id=version_id)
     return [_entry(r) for r in rows]
 
 
 async def _write(
-    conn: aiosqlite.Connection, version_id: str, state: str, *, share: float = 0.0,
+    conn: Connection, version_id: str, state: str, *, share: float = 0.0,
     range_start: int = 0, content_hash: str, since: float, replaced: str | None,
 ) -> None:
-    await conn.execute(
-        "INSERT INTO prompt_versions (id, state, share, range_start, content_hash, state_since,"
-        " replaced) VALUES (?, ?, ?, ?, ?, ?, ?)"
-        " ON CONFLICT (id) DO UPDATE SET state = excluded.state, share = excluded.share,"
-        " range_start = excluded.range_start, content_hash = excluded.content_hash,"
-        " state_since = excluded.state_since, replaced = excluded.replaced",
-        (version_id, state, share, range_start, content_hash, since, replaced),
-    )
+    await version_rows.write_state(conn, version_id, state, share=share,
+                                   range_start=range_start, content_hash=content_hash,
+                                   since=since, replaced=replaced)
 
 
 async def _audit(
-    conn: aiosqlite.Connection, *, at: float, actor: str, action: str, version_id: str,
+    conn: Connection, *, at: float, actor: str, action: str, version_id: str,
     from_state: str | None, to_state: str, share: float = 0.0,
     previous_active: str | None = None, reason: str, stats: Mapping[str, Any] | None,
 ) -> AuditEntry:
     blob = json.dumps(dict(stats or {}), ensure_ascii=False, sort_keys=True, default=str)
-    cur = await conn.execute(
-        "INSERT INTO audit_log (at, actor, action, version_id, from_state, to_state, share,"
-        " previous_active, reason, stats) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (at, actor, action, version_id, from_state, to_state, share, previous_active, reason,
-         blob),
-    )
-    row = await fetchone(conn, "SELECT * FROM audit_log WHERE id = ?", (cur.lastrowid,))
-    assert row is not None
+    row = await version_rows.append_audit(
+        conn, at=at, actor=actor, action=action, version_id=version_id,
+        from_state=from_state, to_state=to_state, share=share,
+        previous_active=previous_active, reason=reason, stats=blob)
     return _entry(row)
 
 
-async def _current(conn: aiosqlite.Connection) -> Deployment:
-    return _snapshot(await fetchall(conn, _SELECT_STATES))
+async def _current(conn: Connection) -> Deployment:
+    """The states, read under the version lock: the change that follows is decided on a
+    snapshot nobody else can change before this transaction commits."""
+    return _snapshot(await version_rows.load_for_change(conn))
 
 
 def _shown(version_id: str) -> str:
@@ -204,7 +200,7 @@ async def ensure_active(
 async def promote(
     db: Database, version_id: str, versions: Mapping[str, PromptVersion], *, actor: str,
     reason: str, stats: Mapping[str, Any] | None = None, now: float | None = None,
-    expect: Expectation | None = None,
+    expect: Expectation | None = None, notes: Notes | None = None,
 ) -> AuditEntry:
     """Make ``version_id`` the active version for everybody; the old active is retired and
     remembered as the rollback target."""
@@ -223,11 +219,11 @@ async def promote(
                          since=at, replaced=old.replaced)
         await _write(conn, version_id, ACTIVE, content_hash=version.content_hash, since=at,
                      replaced=old.version_id if old else None)
-        return await _audit(
+        return await _note(conn, notes, await _audit(
             conn, at=at, actor=actor, action="promote", version_id=version_id,
             from_state=target.state if target else None, to_state=ACTIVE,
             previous_active=old.version_id if old else None, reason=reason, stats=stats,
-        )
+        ))
 
 
 async def rollback(
@@ -268,7 +264,7 @@ async def rollback(
 async def set_canary(
     db: Database, version_id: str, percent: float, versions: Mapping[str, PromptVersion], *,
     actor: str, reason: str, stats: Mapping[str, Any] | None = None, now: float | None = None,
-    expect: Expectation | None = None,
+    expect: Expectation | None = None, notes: Notes | None = None,
 ) -> AuditEntry:
     """Serve ``version_id`` to ``percent`` % of users. A running candidate keeps its range
     (raising the share keeps its users) and its test; a new one starts a test now."""
@@ -296,18 +292,18 @@ async def set_canary(
         await _write(conn, version_id, CANDIDATE, share=share, range_start=start,
                      content_hash=digest, since=since,
                      replaced=existing.replaced if existing else None)
-        return await _audit(
+        return await _note(conn, notes, await _audit(
             conn, at=at, actor=actor, action="canary", version_id=version_id,
             from_state=existing.state if existing else None, to_state=CANDIDATE, share=share,
             previous_active=current.active.version_id if current.active else None,
             reason=reason, stats=stats,
-        )
+        ))
 
 
 async def retire(
     db: Database, version_id: str, *, actor: str, reason: str,
     stats: Mapping[str, Any] | None = None, now: float | None = None,
-    expect: Expectation | None = None,
+    expect: Expectation | None = None, notes: Notes | None = None,
 ) -> AuditEntry:
     """Stop serving a candidate (its users go back to the active version)."""
     at = time.time() if now is None else now
@@ -327,12 +323,12 @@ async def retire(
             raise VersionError(f"'{version_id}' is already retired")
         await _write(conn, version_id, RETIRED, content_hash=existing.content_hash, since=at,
                      replaced=existing.replaced)
-        return await _audit(
+        return await _note(conn, notes, await _audit(
             conn, at=at, actor=actor, action="retire", version_id=version_id,
             from_state=existing.state, to_state=RETIRED,
             previous_active=current.active.version_id if current.active else None,
             reason=reason, stats=stats,
-        )
+        ))
 
 
 async def restart_edited(

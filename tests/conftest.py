@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import pytest
 
 if TYPE_CHECKING:
     from tests.llamaserver import LlamaServer
+    from tests.pgcluster import PgCluster
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +54,51 @@ def llama_server(llama_server_binary: Path, tiny_gguf: Path) -> Iterator[LlamaSe
     server = LlamaServer(llama_server_binary, tiny_gguf).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One throwaway PostgreSQL server for the session (Unix socket only, fsync off; see
+    tests/pgcluster). Skipped without the server binaries, unless LOOPBOT_REQUIRE_SERVERS=1."""
+    from tests.llamaserver import required
+    from tests.pgcluster import PgCluster, PgUnavailable
+
+    try:
+        cluster = PgCluster().start()
+    except PgUnavailable as err:
+        reason = f"PostgreSQL cannot run here: {err}"
+    else:
+        reason = ""
+    if reason:
+        if required():
+            pytest.fail(reason + " (LOOPBOT_REQUIRE_SERVERS=1)", pytrace=False)
+        pytest.skip(reason)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, uniquely named database on the session cluster; its SQLAlchemy asyncpg URL.
+    Dropped afterwards, WITH (FORCE), so connections a test left open do not matter."""
+    from tests.pgcluster import PgClusterError
+
+    stem = re.sub(r"[^a-z0-9_]+", "_", request.node.name.lower()).strip("_")[:40]
+    name = pg_cluster.create_database(f"t_{stem}_{uuid.uuid4().hex[:8]}")
+    yield pg_cluster.url(name)
+    try:
+        pg_cluster.drop_database(name)
+    except PgClusterError as err:  # never fail a test on cleanup: the cluster goes anyway
+        warnings.warn(f"dropping test database {name}: {err}", stacklevel=1)
+
+
+@pytest.fixture(params=[pytest.param("sqlite", id="sqlite"),
+                        pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that uses it runs twice: on a SQLite file and on a fresh PostgreSQL database
+    (the cluster is only started when a postgresql case runs)."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'loopbot.db'}"
+    return cast(str, request.getfixturevalue("pg_url"))

@@ -1,1 +1,2 @@
-"""Tools for exercising the bot without Telegram: a fake Bot API server on loopback."""
+"""Tools for exercising the bot without Telegram or real servers: a fake Bot API and a fake
+llama-server on loopback, and a throwaway PostgreSQL cluster (tests and benchmarks)."""

@@ -3,15 +3,23 @@
 
 It answers the methods python-telegram-bot calls (getMe, getUpdates with long polling,
 sendMessage, editMessageText, editMessageReplyMarkup, answerCallbackQuery, sendChatAction,
-sendPhoto / sendDocument as multipart, deleteWebhook, setMyCommands, close, logOut...), keeps
-the messages the bot sent, records every call for assertions, and can answer a method with a
-429 "retry after" once. Tests push updates the way Telegram would deliver them.
+sendPhoto / sendDocument as multipart, setMyCommands, close, logOut...), keeps the messages
+the bot sent, records every call for assertions, and can answer a method with a 429 "retry
+after" once. Tests push updates the way Telegram would deliver them.
+
+The webhook methods keep one registration as Telegram does: setWebhook stores it (an empty
+URL removes it), deleteWebhook removes it, either may drop the pending updates, and
+getWebhookInfo reports it with the pending update count and the last delivery error (set by
+:meth:`FakeBotAPI.webhook_failed`). While a webhook is set, getUpdates is refused with 409
+Conflict. Updates are not POSTed to the webhook: tests send them to the bot themselves.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -20,9 +28,12 @@ from email import policy
 from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 TOKEN = "123:TEST"
+# setWebhook's rules (Bot API): secret_token 1-256 of A-Z a-z 0-9 _ -; max_connections 1-100.
+_SECRET_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+DEFAULT_MAX_CONNECTIONS = 40
 
 
 @dataclass
@@ -57,6 +68,10 @@ class FakeBotAPI:
         # Run in the server thread before a method is answered: lets a test observe what
         # the bot had done (e.g. committed) at the moment it made that call.
         self.before: dict[str, Callable[[Call], bool | None]] = {}
+        # The registered webhook: setWebhook's parameters as sent (all strings, lists in
+        # JSON), {} when none. Telegram never reveals secret_token; tests may read it here.
+        self.webhook: dict[str, str] = {}
+        self._webhook_error: tuple[int, str] | None = None
         self._update_ids = itertools.count(1)
         self._message_ids = itertools.count(10_000)
         self._user_message_ids = itertools.count(1)
@@ -125,6 +140,12 @@ class FakeBotAPI:
                 self._pending.append(update)
             self._cond.notify_all()
         return updates
+
+    def webhook_failed(self, message: str, *, at: float | None = None) -> None:
+        """Telegram could not deliver to the webhook: getWebhookInfo reports
+        ``last_error_date`` (``at``, default now) and ``last_error_message``."""
+        with self._cond:
+            self._webhook_error = (int(time.time() if at is None else at), message)
 
     @staticmethod
     def user(user_id: int, language: str = "en", first_name: str = "Tester") -> dict[str, Any]:
@@ -276,22 +297,21 @@ class FakeBotAPI:
                 self.calls.append(call)
                 self._cond.notify_all()
             return 499, {"ok": False, "error_code": 499, "description": "dropped"}
-        if method == "getUpdates":
-            result: Any = self._get_updates(params)
+        handler = (self._m_getUpdates if method == "getUpdates"
+                   else getattr(self, f"_m_{method}", None))
+        if handler is None:
+            call.status = 404
+            result: Any = None
         else:
-            handler = getattr(self, f"_m_{method}", None)
-            if handler is None:
-                call.status = 404
-                result = None
-            else:
-                try:
-                    result = handler(params, files)
-                except _ApiError as exc:
-                    call.status = 400
-                    with self._cond:
-                        self.calls.append(call)
-                        self._cond.notify_all()
-                    return 400, {"ok": False, "error_code": 400, "description": str(exc)}
+            try:
+                result = handler(params, files)
+            except _ApiError as exc:
+                call.status = exc.status
+                with self._cond:
+                    self.calls.append(call)
+                    self._cond.notify_all()
+                return exc.status, {"ok": False, "error_code": exc.status,
+                                    "description": str(exc)}
         call.result = result
         with self._cond:
             self.calls.append(call)
@@ -300,7 +320,12 @@ class FakeBotAPI:
             return 404, {"ok": False, "error_code": 404, "description": "Not Found"}
         return 200, {"ok": True, "result": result}
 
-    def _get_updates(self, params: dict[str, str]) -> list[dict[str, Any]]:
+    def _m_getUpdates(self, params: dict[str, str], f: Any) -> list[dict[str, Any]]:
+        with self._cond:
+            if self.webhook:
+                raise _ApiError("Conflict: can't use getUpdates method while webhook is "
+                                "active; use deleteWebhook to delete the webhook first",
+                                status=409)
         offset = int(params.get("offset", 0) or 0)
         timeout = float(params.get("timeout", 0) or 0)
         limit = int(params.get("limit", 100) or 100)
@@ -393,8 +418,62 @@ class FakeBotAPI:
     def _m_sendChatAction(self, p: dict[str, str], f: Any) -> Any:
         return True
 
-    def _m_deleteWebhook(self, p: dict[str, str], f: Any) -> Any:
+    def _m_setWebhook(self, p: dict[str, str], f: Any) -> Any:
+        url = p.get("url", "")
+        if not url:  # "Use an empty string to remove webhook integration"
+            return self._m_deleteWebhook(p, f)
+        parts = urlsplit(url)
+        # Real Telegram wants https on ports 443/80/88/8443; like a self-hosted Bot API
+        # server (--local), this one also takes http and any port on loopback.
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise _ApiError("Bad Request: bad webhook: An HTTPS URL must be provided for "
+                            "webhook")
+        secret = p.get("secret_token")
+        if secret is not None and not _SECRET_TOKEN_RE.match(secret):
+            raise _ApiError("Bad Request: secret token contains unallowed characters")
+        if "allowed_updates" in p and not isinstance(json.loads(p["allowed_updates"]), list):
+            raise _ApiError("Bad Request: can't parse allowed updates JSON array")
+        if "max_connections" in p and not 1 <= int(p["max_connections"]) <= 100:
+            raise _ApiError("Bad Request: bad webhook: max_connections must be 1-100")
+        with self._cond:
+            if _flag(p, "drop_pending_updates"):
+                self._drop_pending()
+            if self.webhook.get("url") != url:
+                self._webhook_error = None
+            self.webhook = dict(p)
         return True
+
+    def _m_deleteWebhook(self, p: dict[str, str], f: Any) -> Any:
+        with self._cond:
+            if _flag(p, "drop_pending_updates"):
+                self._drop_pending()
+            self.webhook = {}
+            self._webhook_error = None
+        return True
+
+    def _m_getWebhookInfo(self, p: dict[str, str], f: Any) -> Any:
+        """WebhookInfo as the Bot API gives it: optional fields only when they have a value."""
+        with self._cond:
+            info: dict[str, Any] = {"url": self.webhook.get("url", ""),
+                                    "has_custom_certificate": False,
+                                    "pending_update_count": len(self._forced)
+                                    + len(self._pending)}
+            if not self.webhook:
+                return info
+            info["max_connections"] = int(self.webhook.get("max_connections")
+                                          or DEFAULT_MAX_CONNECTIONS)
+            address = self.webhook.get("ip_address") or _ip_literal(info["url"])
+            if address:
+                info["ip_address"] = address
+            if "allowed_updates" in self.webhook:
+                info["allowed_updates"] = json.loads(self.webhook["allowed_updates"])
+            if self._webhook_error is not None:
+                info["last_error_date"], info["last_error_message"] = self._webhook_error
+            return info
+
+    def _drop_pending(self) -> None:
+        self._pending.clear()
+        self._forced.clear()
 
     def _m_setMyCommands(self, p: dict[str, str], f: Any) -> Any:
         return True
@@ -416,7 +495,24 @@ class FakeBotAPI:
 
 
 class _ApiError(Exception):
-    pass
+    """Answered with ``status`` (400 Bad Request unless said) and the message."""
+
+    def __init__(self, description: str, *, status: int = 400) -> None:
+        super().__init__(description)
+        self.status = status
+
+
+def _flag(params: dict[str, str], key: str) -> bool:
+    """A Boolean parameter, sent as JSON (``true``) or form text (``True``, ``1``)."""
+    return params.get(key, "").strip().lower() in {"true", "1"}
+
+
+def _ip_literal(url: str) -> str | None:
+    """The webhook's IP address when its host is one (the fake resolves no names)."""
+    try:
+        return str(ipaddress.ip_address(urlsplit(url).hostname or ""))
+    except ValueError:
+        return None
 
 
 def _parse_body(content_type: str, body: bytes) -> tuple[dict[str, str],

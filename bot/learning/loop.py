@@ -42,6 +42,7 @@ from bot.learning.candidates import (
 from bot.learning.cycle import PROPOSAL_TTL_S, LoopState, PastProposal, Trigger
 from bot.learning.offline_eval import OfflineResult, evaluate_offline
 from bot.prompts import PromptError, load_version, write_version
+from bot.store import proposals
 from bot.store.db import Database
 
 if TYPE_CHECKING:
@@ -57,14 +58,7 @@ async def load_vote_records(db: Database, admins: Collection[int] = (), *,
                             since: float | None = None) -> list[VoteRecord]:
     """Every vote on a verdict (``since``: on a verdict made at or after that time), oldest
     first, with what credibility scoring needs."""
-    recent = "" if since is None else " AND i.created_at >= ?"  # indexed: interactions_time
-    rows = await db.fetchall(
-        "SELECT v.interaction_id, v.user_id, v.correct, v.correct_label, v.created_at AS voted,"
-        " i.created_at AS verdict_at, i.version_id, i.label, i.probabilities, i.text"
-        " FROM votes v JOIN interactions i ON i.id = v.interaction_id"
-        f" WHERE i.label IS NOT NULL{recent} ORDER BY v.created_at, v.id",
-        () if since is None else (since,),
-    )
+    rows = await proposals.vote_rows(db, since=since)
     admin_set = set(admins)
     records: list[VoteRecord] = []
     for r in rows:
@@ -107,16 +101,11 @@ class Proposal:
 
 
 async def store_offline_check(db: Database, result: OfflineResult, at: float) -> int:
-    async with db.transaction() as conn:
-        cur = await conn.execute(
-            "INSERT INTO offline_checks (at, candidate_id, active_id, n, candidate_correct,"
-            " active_correct, margin, passed, reason, details) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (at, result.candidate_id, result.active_id, result.n, result.candidate_correct,
-             result.active_correct, result.margin, int(result.passed), result.reason,
-             json.dumps(result.to_dict(), ensure_ascii=False)),
-        )
-        assert cur.lastrowid is not None
-        return int(cur.lastrowid)
+    return await proposals.insert_offline_check(
+        db, at=at, candidate_id=result.candidate_id, active_id=result.active_id, n=result.n,
+        candidate_correct=result.candidate_correct, active_correct=result.active_correct,
+        margin=result.margin, passed=result.passed, reason=result.reason,
+        details=result.to_dict())
 
 
 def _check(row: Any) -> StoredCheck:
@@ -134,12 +123,7 @@ def _check(row: Any) -> StoredCheck:
 
 async def last_offline_check(db: Database, candidate_id: str | None = None
                              ) -> StoredCheck | None:
-    if candidate_id is None:
-        row = await db.fetchone("SELECT * FROM offline_checks ORDER BY id DESC LIMIT 1")
-    else:
-        row = await db.fetchone(
-            "SELECT * FROM offline_checks WHERE candidate_id = ? ORDER BY id DESC LIMIT 1",
-            (candidate_id,))
+    row = await proposals.last_offline_check(db, candidate_id)
     return _check(row) if row else None
 
 
@@ -156,22 +140,13 @@ def _proposal(row: Any) -> Proposal:
 async def list_proposals(db: Database, status: str | None = None, limit: int = 20
                          ) -> list[Proposal]:
     """Newest first."""
-    if status is None:
-        rows = await db.fetchall(
-            "SELECT * FROM candidate_proposals ORDER BY created_at DESC LIMIT ?", (limit,))
-    else:
-        rows = await db.fetchall(
-            "SELECT * FROM candidate_proposals WHERE status = ? ORDER BY created_at DESC"
-            " LIMIT ?", (status, limit))
+    rows = await proposals.list_proposals(db, status, limit)
     return [_proposal(r) for r in rows]
 
 
 async def _set_status(db: Database, candidate_id: str, status: str, *, actor: str | None,
                       at: float) -> None:
-    async with db.transaction() as conn:
-        await conn.execute(
-            "UPDATE candidate_proposals SET status = ?, decided_by = ?, decided_at = ?"
-            " WHERE candidate_id = ?", (status, actor, at, candidate_id))
+    await proposals.set_status(db, candidate_id, status, actor=actor, at=at)
 
 
 # ----------------------------------------------------------------------------- the cycle
@@ -217,9 +192,7 @@ async def load_loop_state(db: Database) -> LoopState:
     pending = await list_proposals(db, "proposed")
     last = None
     if active_id:
-        row = await db.fetchone(
-            "SELECT * FROM candidate_proposals WHERE parent_id = ? ORDER BY created_at DESC"
-            " LIMIT 1", (active_id,))
+        row = await proposals.last_proposal_of(db, active_id)
         last = _past(_proposal(row)) if row else None
     return LoopState(active_id, tuple(c.version_id for c in deployment.candidates),
                      tuple(_past(p) for p in pending), last)
@@ -307,16 +280,13 @@ async def run_cycle(service: Service, *, actor: str = "loop", now: float | None 
                                     margin=settings.loop.offline_margin)
     check_id = await store_offline_check(db, result, at)
     status = loop_cycle.status_after_check(result.passed, settings.loop.mode)
-    async with db.transaction() as conn:
-        await conn.execute(
-            "INSERT INTO candidate_proposals (candidate_id, parent_id, created_at, status, path,"
-            " reason, judged, error_rate, offline_check_id, report, decided_by, decided_at)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-            (version.id, parent.id, at, status, str(path), version.reason,
-             errors.judged if errors else 0, errors.error_rate if errors else 0.0, check_id,
-             json.dumps(errors.to_dict() if errors else {}, ensure_ascii=False),
-             actor if status == "canary" else None, at if status == "canary" else None),
-        )
+    await proposals.insert_proposal(
+        db, candidate_id=version.id, parent_id=parent.id, at=at, status=status,
+        path=str(path), reason=version.reason, judged=errors.judged if errors else 0,
+        error_rate=errors.error_rate if errors else 0.0, offline_check_id=check_id,
+        report=errors.to_dict() if errors else {},
+        decided_by=actor if status == "canary" else None,
+        decided_at=at if status == "canary" else None)
     if status == "refused":
         return CycleResult("refused", f"{version.id} refused offline: {result.reason}",
                            version.id, result)
@@ -359,11 +329,7 @@ async def _canary(service: Service, candidate_id: str, *, actor: str, result: Of
 
 
 async def _expire(db: Database, at: float) -> None:
-    async with db.transaction() as conn:
-        await conn.execute(
-            "UPDATE candidate_proposals SET status = 'expired', decided_by = 'loop',"
-            " decided_at = ? WHERE status = 'proposed' AND created_at < ?",
-            (at, at - PROPOSAL_TTL_S))
+    await proposals.expire_proposals(db, at=at, older_than=at - PROPOSAL_TTL_S)
 
 
 class ApprovalError(LoopbotError, ValueError):
@@ -375,8 +341,7 @@ async def approve(service: Service, candidate_id: str, *, actor: str,
     """An admin's ``/approve ID``: a proposal that passed its offline check goes to canary."""
     at = time.time() if now is None else now
     db = service.store.db
-    row = await db.fetchone("SELECT * FROM candidate_proposals WHERE candidate_id = ?",
-                            (candidate_id,))
+    row = await proposals.get_proposal(db, candidate_id)
     if row is None:
         raise ApprovalError(f"no mined candidate '{candidate_id}' (see /report)")
     proposal = _proposal(row)

@@ -12,9 +12,10 @@ if TYPE_CHECKING:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     backup = subparsers.add_parser(
         "backup", help="copy the database consistently (safe while the bot runs)",
-        description="Take a consistent copy of the live database with SQLite's online backup. "
-                    "Without --out the copy goes to storage.backup_dir as "
-                    "loopbot-<UTC time>.db and only the newest storage.backup_keep are kept.")
+        description="Take a consistent copy of the live database with SQLite's online backup "
+                    "(PostgreSQL: pg_dump). Without --out the copy goes to "
+                    "storage.backup_dir as loopbot-<UTC time>.db (.pgdump) and only the "
+                    "newest storage.backup_keep are kept.")
     _common(backup)
     backup.add_argument("--out", help="write the copy to this file (no rotation)")
     backup.set_defaults(func=run_backup)
@@ -35,7 +36,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: do not overwrite the top-level `loopbot --config FILE` with None.
     parser.add_argument("--config", default=argparse.SUPPRESS,
                         help="YAML config file (default: $LOOPBOT_CONFIG)")
-    parser.add_argument("--db", help="SQLite database file (default: storage.db)")
+    parser.add_argument("--db", help="SQLite database file or database URL (default: "
+                                     "storage.url, else storage.db)")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -51,11 +53,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 def run_backup(args: argparse.Namespace) -> int:
     import asyncio
 
-    from bot.config import resolve_path
+    from bot.config import database_target, resolve_path
     from bot.store.backup import backup_and_rotate, backup_database
 
     settings = _settings(args)
-    db = resolve_path(settings, settings.storage.db)
+    # A SQLite file, or a PostgreSQL URL (then pg_dump makes the backup).
+    db = database_target(settings)
     if args.out:
         result = asyncio.run(backup_database(db, args.out))
     else:
@@ -67,10 +70,17 @@ def run_backup(args: argparse.Namespace) -> int:
 
 
 def run_restore(args: argparse.Namespace) -> int:
-    from bot.config import resolve_path
+    from bot.config import database_target, resolve_path
     from bot.store.backup import BackupError, restore_database
 
     settings = _settings(args)
+    target = database_target(settings)
+    if "://" in target and not target.startswith("sqlite"):
+        # A pg_dump archive goes back with PostgreSQL's own tool, into the server.
+        raise BackupError(
+            "storage.url is a PostgreSQL database: stop every replica, then restore the "
+            "pg_dump archive with `pg_restore --clean --if-exists --no-owner -d "
+            "postgresql://USER@HOST/DB FILE`, and start the replicas")
     db = resolve_path(settings, settings.storage.db)
     if not db.exists() and not args.new:
         # Restoring next to nothing is usually the wrong place (e.g. a relative default path

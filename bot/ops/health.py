@@ -134,13 +134,17 @@ class HealthChecker:
         if db.closed:
             return ["database: closed"]
         problems = []
-        try:
-            free = shutil.disk_usage(db.path.parent).free
-        except OSError as exc:
-            problems.append(f"database: cannot read free disk space: {exc}")
-        else:
-            if free < self.min_free_bytes:
-                problems.append(f"database: only {free // (1024 * 1024)} MiB free on its disk")
+        # The free space of the database's disk, when it is a local file (a PostgreSQL
+        # server's disk is seen through the probe: a full disk refuses the write).
+        if not db.is_postgresql:
+            try:
+                free = shutil.disk_usage(db.path.parent).free
+            except OSError as exc:
+                problems.append(f"database: cannot read free disk space: {exc}")
+            else:
+                if free < self.min_free_bytes:
+                    problems.append(
+                        f"database: only {free // (1024 * 1024)} MiB free on its disk")
         if self._probe is None or self._probe.done():
             self._probe = asyncio.create_task(write_probe(db), name="loopbot-health-probe")
         probe = self._probe

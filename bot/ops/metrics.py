@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 
 from bot.store.db import Database
+from bot.store.queries import vote_totals
 
 # The *_created series (process start per metric) double the output and no dashboard uses
 # them; Prometheus derives resets from the counters themselves.
@@ -124,9 +125,7 @@ class Metrics:
         if (not force and self._db_refreshed_at is not None
                 and now - self._db_refreshed_at < DB_REFRESH_INTERVAL_S):
             return
-        rows = await db.fetchall(
-            "SELECT i.version_id, COUNT(*), SUM(v.correct) FROM votes v"
-            " JOIN interactions i ON i.id = v.interaction_id GROUP BY i.version_id")
+        rows = await vote_totals(db)
         current: set[str] = set()
         for version, votes, correct in rows:
             current.add(str(version))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.errors import LoopbotError
-from bot.store.db import Database, discover_migrations
+from bot.store.db import HEAD_VERSION, Database, parse_target
 
 if TYPE_CHECKING:
     from bot.config import Settings
@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 
 BACKUP_PREFIX = "loopbot-"
 BACKUP_SUFFIX = ".db"
+# PostgreSQL: pg_dump's custom format (restore with pg_restore).
+PG_BACKUP_SUFFIX = ".pgdump"
 # Timestamped names sort chronologically, so rotation needs no file dates (which a copy resets).
-_NAME_RE = re.compile(rf"^{BACKUP_PREFIX}(\d{{8}}T\d{{6}}Z)(?:-[a-z0-9-]+)?{BACKUP_SUFFIX}$")
+_NAME_RE = re.compile(
+    rf"^{BACKUP_PREFIX}(\d{{8}}T\d{{6}}Z)(?:-[a-z0-9-]+)?(?:{BACKUP_SUFFIX}|{PG_BACKUP_SUFFIX})$")
 
 
 class BackupError(LoopbotError, RuntimeError):
@@ -47,13 +50,66 @@ class BackupResult:
     schema_version: int
 
 
-def backup_name(now: datetime | None = None, tag: str = "") -> str:
+def backup_name(now: datetime | None = None, tag: str = "", suffix: str = BACKUP_SUFFIX
+                ) -> str:
     """``loopbot-20260123T030000Z.db`` (``tag`` adds e.g. ``-pre-migration-v3``)."""
     at = (now or datetime.now(UTC)).astimezone(UTC)
-    return f"{BACKUP_PREFIX}{at:%Y%m%dT%H%M%SZ}{'-' + tag if tag else ''}{BACKUP_SUFFIX}"
+    return f"{BACKUP_PREFIX}{at:%Y%m%dT%H%M%SZ}{'-' + tag if tag else ''}{suffix}"
+
+
+def is_postgresql(where: str | Path) -> bool:
+    return str(where).startswith(("postgresql://", "postgres://", "postgresql+asyncpg://"))
+
+
+def _pg_dump_sync(url: str, out_path: str | Path) -> BackupResult:
+    """``pg_dump --format=custom`` of the database at ``url`` (one consistent snapshot: pg_dump
+    reads inside one repeatable-read transaction while the replicas keep writing)."""
+    import subprocess
+
+    from sqlalchemy.engine import make_url
+
+    started = time.perf_counter()
+    pg_dump = shutil.which("pg_dump")
+    if pg_dump is None:
+        raise BackupError("pg_dump is not installed: backups of a PostgreSQL database need the "
+                          "PostgreSQL client tools (Debian/Ubuntu: apt-get install "
+                          "postgresql-client) of the server's major version or newer")
+    parsed = make_url(url)
+    env = dict(os.environ)
+    if parsed.password:
+        env["PGPASSWORD"] = str(parsed.password)  # not on the command line (ps shows it)
+    dsn = parsed.set(drivername="postgresql", password=None).render_as_string(
+        hide_password=False)
+    out = Path(out_path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        done = subprocess.run([pg_dump, "--format=custom", "--no-owner", "--file",
+                               str(partial), dsn], env=env, capture_output=True, text=True,
+                              timeout=3600, check=False)
+        if done.returncode != 0:
+            raise BackupError(f"pg_dump of {parsed.render_as_string(hide_password=True)} "
+                              f"failed: {done.stderr.strip()[-500:]}")
+        with open(partial, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(partial, out)
+    except OSError as exc:
+        raise BackupError(f"pg_dump to {out} failed: {exc}") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return BackupResult(out, out.stat().st_size, time.perf_counter() - started, 0)
 
 
 def _schema_version(conn: sqlite3.Connection) -> int:
+    """Alembic's revision (the schema version since Alembic), else the version the numbered
+    SQL files of older releases recorded, else 0."""
+    try:
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        if row and row[0] is not None:
+            return int(row[0])
+    except sqlite3.OperationalError:
+        pass  # made by a release before Alembic
     try:
         row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
     except sqlite3.OperationalError:
@@ -169,7 +225,16 @@ async def backup_database(src_db_path: str | Path, out_path: str | Path) -> Back
 
     Runs in a worker thread on its own read-only connection, so the bot's event loop and its
     connection are not held up (WAL lets the bot commit while the copy is read)."""
-    result = await asyncio.to_thread(_backup_sync, src_db_path, out_path)
+    if is_postgresql(src_db_path):
+        result = await asyncio.to_thread(_pg_dump_sync, str(src_db_path), out_path)
+        db = await Database.open(str(src_db_path), upgrade=False)
+        try:
+            result = BackupResult(result.path, result.size_bytes, result.seconds,
+                                  await db.schema_version())
+        finally:
+            await db.close()
+    else:
+        result = await asyncio.to_thread(_backup_sync, src_db_path, out_path)
     log.info("backup written to %s (%d bytes, schema %d, %.2fs)", result.path,
              result.size_bytes, result.schema_version, result.seconds)
     return result
@@ -201,18 +266,20 @@ def _free_name(directory: str | Path, name: str) -> Path:
     """``name`` in ``directory``, numbered when two backups fall in the same second (a
     backup is never overwritten by the next one)."""
     folder = Path(directory).expanduser()
-    stem = name.removesuffix(BACKUP_SUFFIX)
+    suffix = PG_BACKUP_SUFFIX if name.endswith(PG_BACKUP_SUFFIX) else BACKUP_SUFFIX
+    stem = name.removesuffix(suffix)
     candidate, n = folder / name, 1
     while candidate.exists():
         n += 1
-        candidate = folder / f"{stem}-{n}{BACKUP_SUFFIX}"
+        candidate = folder / f"{stem}-{n}{suffix}"
     return candidate
 
 
 async def backup_and_rotate(src_db_path: str | Path, directory: str | Path, keep: int,
                             *, tag: str = "") -> BackupResult:
     """The nightly job: a new timestamped backup in ``directory``, then rotation."""
-    out = await asyncio.to_thread(_free_name, directory, backup_name(tag=tag))
+    suffix = PG_BACKUP_SUFFIX if is_postgresql(src_db_path) else BACKUP_SUFFIX
+    out = await asyncio.to_thread(_free_name, directory, backup_name(tag=tag, suffix=suffix))
     result = await backup_database(src_db_path, out)
     await asyncio.to_thread(rotate_backups, directory, keep)
     return result
@@ -222,7 +289,7 @@ def _pending_migrations_sync(path: str | Path) -> tuple[int, int] | None:
     db_path = Path(path).expanduser()
     if not db_path.is_file():
         return None
-    latest = max((m.version for m in discover_migrations()), default=0)
+    latest = HEAD_VERSION
     then = (f": stop the bot, move it aside and restore a backup "
             f"(`loopbot restore FILE --db {db_path} --new`)")
     _check_header(db_path, then)
@@ -256,14 +323,22 @@ async def backup_before_migrating(db_path: str | Path, backup_dir: str | Path
         db_path, os.path.join(backup_dir, backup_name(tag=f"pre-migration-v{current}")))
 
 
-async def open_configured_database(settings: Settings) -> Database:
-    """The configured database, opened the way every command opens it: when this release's
-    migrations would change it, it is backed up to ``storage.backup_dir`` first."""
-    from bot.config import resolve_path
+async def open_configured_database(settings: Settings, *,
+                                   upgrade: bool | None = None) -> Database:
+    """The configured database, opened the way every command opens it.
 
-    db_path = resolve_path(settings, settings.storage.db)
-    await backup_before_migrating(db_path, resolve_path(settings, settings.storage.backup_dir))
-    return await Database.open(db_path)
+    SQLite: when this release's migrations would change it, it is backed up to
+    ``storage.backup_dir`` first, then migrated. PostgreSQL: opened as it is; a schema older
+    than this release is refused (``loopbot db upgrade`` migrates it, once, for every
+    replica), unless ``upgrade`` is True."""
+    from bot.config import database_target, resolve_path
+
+    target = parse_target(database_target(settings))
+    if target.path is None:
+        return await Database.open(target.url, upgrade=bool(upgrade))
+    await backup_before_migrating(target.path,
+                                  resolve_path(settings, settings.storage.backup_dir))
+    return await Database.open(target.path)
 
 
 def _check_backup_file(backup: Path) -> None:

@@ -1,35 +1,64 @@
-"""The SQLite connection: WAL, foreign keys, versioned migrations, serialised transactions.
+"""The database: SQLite by default, PostgreSQL for several replicas; one schema, one owner.
 
-One aiosqlite connection serves the whole process. Every statement goes through one asyncio
-lock, so a coroutine's transaction can never interleave with another's half-finished one on the
-shared connection (SQLite sees a single connection, the lock gives each caller a clean view).
+Every statement runs through SQLAlchemy 2 Core (``aiosqlite`` or ``asyncpg`` underneath), in
+this package only: the rest of the bot calls :mod:`bot.store`. Statements are written once in
+SQL that both databases read the same way (``ON CONFLICT``, ``RETURNING``, ``CASE`` instead of
+boolean arithmetic); the few that differ are spelled by :class:`Connection` per dialect
+(:meth:`Connection.hour_bucket`, :meth:`Connection.lock`). The schema is migrated by Alembic
+(:mod:`bot.store.schema`); databases made before Alembic are stamped and upgraded in place.
 
-A damaged file is refused when it is opened (``PRAGMA quick_check``), and a transaction the
-database refuses while the bot runs (read-only, full or failing disk, damaged pages) is kept as
-:attr:`Database.write_failure` until a commit succeeds, so ``/healthz`` and the Telegram layer
-can say so instead of the bot going silent.
+SQLite: one connection serves the whole process and every statement goes through one asyncio
+lock, so a coroutine's transaction never interleaves with another's half-finished one;
+transactions are ``BEGIN IMMEDIATE`` (the writer's lock is taken at the start, so a change
+re-checked inside its transaction cannot be overtaken). A damaged file is refused when it is
+opened (``PRAGMA quick_check``).
+
+PostgreSQL: a connection pool, transactions run concurrently (READ COMMITTED); where the
+bot needs one writer at a time (version state, one user's votes against /forget) the
+transaction takes a transaction-scoped advisory lock (:meth:`Connection.lock`), which is
+released at commit or rollback and therefore also safe with pooled connections.
+
+On both, a transaction the database refuses while the bot runs (read-only, full or failing
+disk, damaged pages, the server gone) is kept as :attr:`Database.write_failure` until a
+commit succeeds, so ``/healthz`` and the Telegram layer can say so instead of going silent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import logging
-import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.elements import TextClause
 
 from bot.errors import LoopbotError
 
+# The schema's names, re-exported: callers know bot.store.db only.
+from bot.store.schema import HEAD_VERSION as HEAD_VERSION
+from bot.store.schema import MIGRATIONS_DIR as MIGRATIONS_DIR
+from bot.store.schema import Migration as Migration
+from bot.store.schema import MigrationError as MigrationError
+from bot.store.schema import SchemaBehind as SchemaBehind
+from bot.store.schema import apply_legacy_sqlite, current_version, upgrade_to_head
+from bot.store.schema import discover_migrations as discover_migrations
+from bot.store.schema import split_sqlite_script as split_sqlite_script
+
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-_MIGRATION_RE = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 
 # SQLite's primary result codes (the low byte of an extended code) that mean the database
 # refuses the write: it is read-only, locked past the busy timeout, the disk is full or fails,
@@ -42,10 +71,20 @@ _REFUSALS = frozenset({
 })
 # Damage does not mend itself: a later commit that avoids the bad pages proves nothing.
 _DAMAGE = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+# PostgreSQL SQLSTATE classes that mean the server refuses writes or is gone (not a bug in a
+# statement, not a constraint): 08 connection, 53 resources (disk full), 57 operator
+# intervention (shutdown), 58 system error, 25006 read-only transaction (a standby).
+_PG_REFUSAL_CLASSES = ("08", "53", "57", "58")
+_PG_READ_ONLY = "25006"
 
+SQLITE = "sqlite"
+POSTGRESQL = "postgresql"
+# The SQLite library Python was built with (reports and benchmarks name it).
+SQLITE_VERSION = sqlite3.sqlite_version
 
-class MigrationError(LoopbotError, RuntimeError):
-    """The migrations on disk and the schema in the database do not fit together."""
+# Errors a database call may raise: sqlite3's own (unwrapped, as before SQLAlchemy) for
+# SQLite, SQLAlchemy's for PostgreSQL.
+DB_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, SQLAlchemyError)
 
 
 class CorruptDatabase(LoopbotError, RuntimeError):
@@ -56,13 +95,13 @@ class CorruptDatabase(LoopbotError, RuntimeError):
 class WriteFailure:
     """The last transaction the database refused (see :attr:`Database.write_failure`)."""
 
-    error: str  # SQLite's message, e.g. "attempt to write a readonly database"
-    code: str  # SQLite's error name, e.g. "SQLITE_IOERR_WRITE"
+    error: str  # the database's message, e.g. "attempt to write a readonly database"
+    code: str  # SQLite's error name, e.g. "SQLITE_IOERR_WRITE", or PostgreSQL's SQLSTATE
     at: float  # time.time() when it was refused
     corrupt: bool  # damaged pages: only a restore ends it, not a later successful commit
 
 
-def _primary_code(exc: sqlite3.Error) -> int | None:
+def _primary_code(exc: BaseException) -> int | None:
     code = getattr(exc, "sqlite_errorcode", None)
     return code & 0xFF if isinstance(code, int) else None
 
@@ -72,28 +111,38 @@ def _restore_hint(path: Path) -> str:
             f"`loopbot restore BACKUP_FILE --db {path}` (the damaged file is kept beside it)")
 
 
+# --- where the database is -----------------------------------------------------------------
+
 @dataclass(frozen=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
+class Target:
+    """A database to open: a SQLite file, or a PostgreSQL URL."""
+
+    dialect: str
+    url: str  # SQLAlchemy's async URL (sqlite+aiosqlite:///..., postgresql+asyncpg://...)
+    path: Path | None  # the SQLite file; None for PostgreSQL
+
+    @property
+    def display(self) -> str:
+        """Where it is, for logs and messages: the file, or the URL without its password."""
+        if self.path is not None:
+            return str(self.path)
+        return make_url(self.url).render_as_string(hide_password=True)
 
 
-def discover_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
-    """``NNN_name.sql`` files in order; gaps and duplicates are refused (a lost file is a bug)."""
-    found: list[Migration] = []
-    for path in sorted(directory.glob("*.sql")):
-        match = _MIGRATION_RE.match(path.name)
-        if not match:
-            raise MigrationError(f"{path.name}: migration files are named NNN_name.sql")
-        found.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
-    for expected, migration in enumerate(found, start=1):
-        if migration.version != expected:
-            raise MigrationError(
-                f"migration {migration.version:03d}_{migration.name} found where "
-                f"{expected:03d} was expected (versions must be 1, 2, 3, ... without gaps)"
-            )
-    return found
+def parse_target(where: str | Path) -> Target:
+    """``where`` is a file path (SQLite), ``sqlite:///path`` or ``postgresql://...``."""
+    raw = str(where)
+    if raw.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://")):
+        url = make_url(raw.replace("postgres://", "postgresql://", 1))
+        return Target(POSTGRESQL, url.set(drivername="postgresql+asyncpg")
+                      .render_as_string(hide_password=False), None)
+    if raw.startswith("sqlite"):
+        url = make_url(raw)
+        if url.get_backend_name() != "sqlite" or not url.database:
+            raise MigrationError(f"{raw}: a SQLite URL names a file (sqlite:///path/to.db)")
+        raw = url.database
+    path = _prepare_path(raw)
+    return Target(SQLITE, f"sqlite+aiosqlite:///{path}", path)
 
 
 def _prepare_path(path: str | Path) -> Path:
@@ -104,60 +153,305 @@ def _prepare_path(path: str | Path) -> Path:
     return path
 
 
+# --- rows and statements -------------------------------------------------------------------
+
+class Record(Sequence[Any]):
+    """A result row, read by position (``row[0]``) or by column name (``row["id"]``)."""
+
+    __slots__ = ("_keys", "_values")
+
+    def __init__(self, values: tuple[Any, ...], keys: Mapping[str, int]) -> None:
+        self._values = values
+        self._keys = keys
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return self._values[self._keys[key]]
+        return self._values[key]
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __repr__(self) -> str:
+        return f"Record({dict(zip(self._keys, self._values, strict=True))!r})"
+
+
+Params = Sequence[Any] | Mapping[str, Any]
+
+
+@functools.lru_cache(maxsize=2048)
+def _clause(sql: str) -> TextClause:
+    """The statement with ``?`` placeholders renamed ``:p0, :p1, ...`` (SQLAlchemy's bound
+    parameters, which each driver then spells its own way: ``?`` for SQLite, ``$1`` for
+    asyncpg). A colon in the SQL itself is escaped so that it is not taken for a parameter."""
+    out: list[str] = []
+    quote: str | None = None
+    n = 0
+    for ch in sql:
+        if quote is not None:
+            out.append("\\:" if ch == ":" else ch)
+            if ch == quote:
+                quote = None
+        elif ch in ("'", '"'):
+            quote = ch
+            out.append(ch)
+        elif ch == "?":
+            out.append(f":p{n}")
+            n += 1
+        elif ch == ":":
+            out.append("\\:")
+        else:
+            out.append(ch)
+    return text("".join(out))
+
+
+def _clean(value: Any) -> Any:
+    # PostgreSQL's text cannot hold U+0000 ("invalid byte sequence for encoding UTF8"), and a
+    # model's reply or a user's message can contain it: stored as U+FFFD on both databases,
+    # so a text reads back the same whichever one the bot runs on.
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
+def _bind(params: Params) -> dict[str, Any]:
+    if isinstance(params, Mapping):
+        return {key: _clean(value) for key, value in params.items()}
+    return {f"p{i}": _clean(value) for i, value in enumerate(params)}
+
+
+def _statement(sql: str, params: Params) -> TextClause:
+    return text(sql) if isinstance(params, Mapping) else _clause(sql)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """What a statement returned: the rows (for ``RETURNING`` and queries) and how many rows
+    it changed."""
+
+    rowcount: int
+    rows: list[Record]
+
+    def fetchone(self) -> Record | None:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[Record]:
+        return list(self.rows)
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit key for ``pg_advisory_xact_lock`` (the same in every process
+    and release: Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big",
+                          signed=True)
+
+
+class Connection:
+    """A connection inside one transaction (or one read) of :class:`Database`."""
+
+    def __init__(self, conn: AsyncConnection, dialect: str, database: Database) -> None:
+        self._conn = conn
+        self.dialect = dialect
+        self._database = database
+
+    async def execute(self, sql: str, params: Params = ()) -> Cursor:
+        try:
+            result = await self._conn.execute(_statement(sql, params), _bind(params))
+        except DBAPIError as exc:
+            raise self._database._unwrap(exc) from exc
+        rows = ([Record(tuple(r), {k: i for i, k in enumerate(result.keys())})
+                 for r in result.fetchall()] if result.returns_rows else [])
+        return Cursor(result.rowcount if result.rowcount is not None else -1, rows)
+
+    async def executemany(self, sql: str, seq: Iterable[Params]) -> None:
+        batch = list(seq)
+        if not batch:
+            return
+        try:
+            await self._conn.execute(_statement(sql, batch[0]), [_bind(p) for p in batch])
+        except DBAPIError as exc:
+            raise self._database._unwrap(exc) from exc
+
+    async def fetchone(self, sql: str, params: Params = ()) -> Record | None:
+        return (await self.execute(sql, params)).fetchone()
+
+    async def fetchall(self, sql: str, params: Params = ()) -> list[Record]:
+        return (await self.execute(sql, params)).rows
+
+    async def insert_id(self, sql: str, params: Params = ()) -> int:
+        """An INSERT of one row; returns its new ``id`` (``RETURNING id`` on both databases)."""
+        row = (await self.execute(f"{sql} RETURNING id", params)).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def lock(self, name: str) -> None:
+        """Hold a named lock until this transaction ends. PostgreSQL: a transaction-scoped
+        advisory lock (released at commit or rollback, so a pooled connection never keeps
+        it). SQLite: nothing to do, ``BEGIN IMMEDIATE`` already let one writer in."""
+        if self.dialect == POSTGRESQL:
+            await self.execute("SELECT pg_advisory_xact_lock(?)", (lock_key(name),))
+
+    def hour_bucket(self, expr: str) -> str:
+        """SQL for ``expr`` (seconds / period, a float) truncated towards zero to an integer,
+        the same on both databases: SQLite's CAST truncates, PostgreSQL's rounds (6000/3600
+        is hour 1 in SQLite and 2 in PostgreSQL), so PostgreSQL truncates first."""
+        if self.dialect == POSTGRESQL:
+            return f"CAST(TRUNC({expr}) AS BIGINT)"
+        return f"CAST({expr} AS INTEGER)"
+
+
 class Database:
     """An open loopbot database. Use :meth:`open`; close with :meth:`close`."""
 
-    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
-        self._conn = conn
-        self.path = path
+    def __init__(self, engine: AsyncEngine, target: Target,
+                 sqlite_conn: AsyncConnection | None) -> None:
+        self._engine = engine
+        self.target = target
+        self.dialect = target.dialect
+        # SQLite: the one connection (SQLAlchemy's), and under it aiosqlite's (``_conn``).
+        self._sa = sqlite_conn
+        self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._closed = False
         self._write_failure: WriteFailure | None = None
 
+    @property
+    def path(self) -> Path:
+        """The SQLite file (PostgreSQL: a placeholder path naming the server, for messages)."""
+        return self.target.path if self.target.path is not None else Path(self.target.display)
+
+    @property
+    def sqlite_connection(self) -> aiosqlite.Connection:
+        """SQLite's own connection under SQLAlchemy's (tests, pragmas); not for PostgreSQL."""
+        if self._conn is None:
+            raise TypeError(f"{self.target.display} is not a SQLite database")
+        return self._conn
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.dialect == POSTGRESQL
+
     @classmethod
     async def open(
-        cls, path: str | Path, *, migrations: Iterable[Migration] | None = None
+        cls, where: str | Path, *, migrations: Iterable[Migration] | None = None,
+        upgrade: bool | None = None, check_schema: bool = True,
     ) -> Database:
-        path = _prepare_path(path)
-        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), so the
-        # sqlite3 module never opens or commits one behind our back.
-        conn = await aiosqlite.connect(str(path), isolation_level=None, timeout=30.0)
+        """Open the database at ``where`` (a SQLite path or URL, or a PostgreSQL URL).
+
+        ``upgrade``: bring the schema to this release's head first. Default: yes for SQLite
+        (one process owns the file), no for PostgreSQL, where ``loopbot db upgrade`` runs the
+        migrations once and a replica started against an older schema refuses to run.
+        ``migrations`` (tests): apply only these pre-Alembic SQL files, as an older release
+        would have, and stop there. ``check_schema=False`` (``loopbot db``): open whatever
+        schema the database has, without migrating it."""
+        target = parse_target(where)
+        if target.dialect == POSTGRESQL:
+            return await cls._open_postgresql(target, upgrade=bool(upgrade),
+                                              check=check_schema)
+        return await cls._open_sqlite(target, migrations=migrations,
+                                      upgrade=upgrade is None or upgrade, check=check_schema)
+
+    @classmethod
+    async def _open_sqlite(cls, target: Target, *, migrations: Iterable[Migration] | None,
+                           upgrade: bool, check: bool) -> Database:
+        assert target.path is not None
+        path = target.path
+        # One connection for the process (StaticPool); timeout: SQLite's busy wait.
+        engine = create_async_engine(target.url, poolclass=StaticPool,
+                                     connect_args={"timeout": 30.0})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _autocommit(dbapi_connection: Any, _record: Any) -> None:
+            # Transactions are explicit (BEGIN IMMEDIATE ... COMMIT): the driver must never
+            # open or commit one behind our back.
+            dbapi_connection.isolation_level = None
+
         try:
-            conn.row_factory = aiosqlite.Row
-            await conn.execute("PRAGMA foreign_keys=ON")
-            await conn.execute("PRAGMA busy_timeout=30000")
+            sa = await engine.connect()
+        except DBAPIError as exc:
+            await engine.dispose()
+            orig = _orig(exc)
+            raise (_damaged(path, orig) if _primary_code(orig) in _DAMAGE else orig) from exc
+        db = cls(engine, target, sa)
+        try:
+            raw = await sa.get_raw_connection()
+            db._conn = raw.driver_connection
+            assert db._conn is not None
+            db._conn.row_factory = aiosqlite.Row
+            await db._conn.execute("PRAGMA foreign_keys=ON")
+            await db._conn.execute("PRAGMA busy_timeout=30000")
             try:
                 # The first statements read the header: a file that is no database fails here.
-                await conn.execute("PRAGMA journal_mode=WAL")
+                await db._conn.execute("PRAGMA journal_mode=WAL")
                 # FULL: a commit is on disk before the caller goes on (a vote is acknowledged
                 # only after this), which also survives power loss, not only a killed process.
-                await conn.execute("PRAGMA synchronous=FULL")
+                await db._conn.execute("PRAGMA synchronous=FULL")
                 # Deleted rows are overwritten with zeros, not only unlinked: /forget and the
                 # retention job erase the words from the file (some SQLite builds default to
                 # it, others do not).
-                await conn.execute("PRAGMA secure_delete=ON")
-                await _quick_check(conn, path)
+                await db._conn.execute("PRAGMA secure_delete=ON")
+                await _quick_check(db._conn, path)
             except sqlite3.DatabaseError as exc:
                 if _primary_code(exc) not in _DAMAGE:
                     raise
                 raise _damaged(path, exc) from exc
-            db = cls(conn, path)
-            await db._migrate(list(migrations) if migrations is not None
-                              else discover_migrations())
+            if migrations is not None:
+                await db._apply_legacy(list(migrations))
+            elif upgrade and check:
+                await db.upgrade()
+            elif check:
+                await db.require_current()
         except BaseException:
-            await conn.close()
+            await db._dispose()
             raise
         return db
+
+    @classmethod
+    async def _open_postgresql(cls, target: Target, *, upgrade: bool, check: bool) -> Database:
+        # pool_pre_ping: a connection the server dropped (restart, failover) is replaced
+        # instead of failing the next vote.
+        engine = create_async_engine(target.url, pool_size=5, max_overflow=10,
+                                     pool_pre_ping=True, pool_recycle=1800)
+        db = cls(engine, target, None)
+        try:
+            if upgrade:
+                await db.upgrade()
+            elif check:
+                await db.require_current()
+            else:
+                await db.schema_version()  # connects: a wrong URL fails here, clearly
+        except (DBAPIError, OSError) as exc:
+            await engine.dispose()
+            reason = exc.orig if isinstance(exc, DBAPIError) else exc
+            raise MigrationError(f"cannot use the database at {target.display}: "
+                                 f"{reason}") from exc
+        except BaseException:
+            await engine.dispose()
+            raise
+        return db
+
+    async def _dispose(self) -> None:
+        if self._sa is not None:
+            with suppress(Exception):
+                await self._sa.close()
+        await self._engine.dispose()
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         async with self._lock:
-            # Folds the WAL back into the main file so a copied .db is complete on its own.
-            with suppress(sqlite3.Error):
-                await self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            await self._conn.close()
+            if self._conn is not None:
+                # Folds the WAL back into the main file so a copied .db is complete on its own.
+                with suppress(sqlite3.Error):
+                    await self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await self._dispose()
 
     @property
     def closed(self) -> bool:
@@ -178,8 +472,8 @@ class Database:
         return not self._closed and self._write_failure is None
 
     async def probe_write(self) -> None:
-        """Commit one row to ``health_probe`` the way a vote is committed (BEGIN IMMEDIATE, a
-        write, COMMIT fsync'd under synchronous=FULL). Raises what SQLite raised; like any
+        """Commit one row to ``health_probe`` the way a vote is committed (a write
+        transaction, a durable COMMIT). Raises what the database raised; like any
         transaction it records a refusal in, or clears, :attr:`write_failure`."""
         async with self.transaction() as conn:
             await conn.execute(
@@ -187,127 +481,210 @@ class Database:
                 " ON CONFLICT (id) DO UPDATE SET at = excluded.at", (time.time(),))
 
     async def checkpoint(self) -> bool:
-        """Copy the WAL into the main file and truncate it (``wal_checkpoint(TRUNCATE)``): with
-        secure_delete the zeroed pages then replace the old ones in the file. False when a
-        reader in another process kept it from completing (it is retried by later ones)."""
+        """SQLite: copy the WAL into the main file and truncate it (``wal_checkpoint
+        (TRUNCATE)``): with secure_delete the zeroed pages then replace the old ones in the
+        file. False when a reader in another process kept it from completing (it is retried
+        by later ones). PostgreSQL manages its own WAL: nothing to do."""
+        if self._conn is None:
+            return True
         async with self._lock, self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
             row = await cur.fetchone()
         return row is not None and row[0] == 0
 
-    async def _migrate(self, migrations: list[Migration]) -> None:
-        await self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version ("
-            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
-        )
-        async with self._conn.execute("SELECT MAX(version) FROM schema_version") as cur:
-            row = await cur.fetchone()
-        current = int(row[0]) if row and row[0] is not None else 0
-        latest = migrations[-1].version if migrations else 0
-        if current > latest:
-            raise MigrationError(
-                f"{self.path}: schema version {current} is newer than this loopbot knows "
-                f"({latest}); run the newer release or restore a backup"
-            )
-        for migration in migrations:
-            if migration.version <= current:
-                continue
-            # executescript commits any open transaction first, so BEGIN/COMMIT live inside the
-            # script: the migration and its schema_version row land together or not at all.
-            script = (
-                "BEGIN IMMEDIATE;\n"
-                f"{migration.sql}\n;\n"
-                "INSERT INTO schema_version (version, name, applied_at) VALUES "
-                f"({migration.version}, '{migration.name}', {time.time()!r});\n"
-                "COMMIT;"
-            )
-            try:
-                await self._conn.executescript(script)
-            except sqlite3.Error as exc:
-                if self._conn.in_transaction:
-                    await self._conn.execute("ROLLBACK")
+    # --- schema --------------------------------------------------------------------------
+
+    async def _apply_legacy(self, migrations: list[Migration]) -> None:
+        """Tests: build the schema of an older release with its own numbered SQL files."""
+        async with self.transaction() as conn:
+            await conn._conn.run_sync(apply_legacy_sqlite, migrations)
+
+    async def upgrade(self) -> tuple[int, int]:
+        """Migrate the schema to this release's head (Alembic); returns (before, after).
+        On PostgreSQL two processes upgrading at once wait for each other (advisory lock)."""
+        async with self.transaction() as conn:
+            await conn.lock("loopbot:schema")
+            before = await conn._conn.run_sync(current_version)
+            if before > HEAD_VERSION:
                 raise MigrationError(
-                    f"migration {migration.version:03d}_{migration.name} failed: {exc}"
-                ) from exc
+                    f"{self.target.display}: schema version {before} is newer than this "
+                    f"loopbot knows ({HEAD_VERSION}); run the newer release or restore a "
+                    "backup")
+            try:
+                after = await conn._conn.run_sync(upgrade_to_head, self.dialect)
+            except (sqlite3.Error, SQLAlchemyError) as exc:
+                raise MigrationError(f"{self.target.display}: migrating the schema from "
+                                     f"version {before} failed: {exc}") from exc
+        if after != before:
+            log.info("database %s: schema upgraded from version %d to %d",
+                     self.target.display, before, after)
+        return before, after
+
+    async def require_current(self) -> None:
+        """Refuse a schema other than this release's: older needs ``loopbot db upgrade``,
+        newer needs the newer release."""
+        current = await self.schema_version()
+        if current < HEAD_VERSION:
+            raise SchemaBehind(
+                f"{self.target.display}: schema version {current}, this release needs "
+                f"{HEAD_VERSION}: run `loopbot db upgrade` once (with the same storage "
+                f"settings), then start the replicas")
+        if current > HEAD_VERSION:
+            raise MigrationError(
+                f"{self.target.display}: schema version {current} is newer than this "
+                f"loopbot knows ({HEAD_VERSION}); run the newer release or restore a backup")
 
     async def schema_version(self) -> int:
-        row = await self.fetchone("SELECT MAX(version) FROM schema_version")
-        return int(row[0]) if row and row[0] is not None else 0
+        async with self._connect() as conn:
+            return int(await conn._conn.run_sync(current_version))
+
+    # --- transactions --------------------------------------------------------------------
+
+    def read(self) -> AbstractAsyncContextManager[Connection]:
+        """A connection for reads that need the dialect (:meth:`Connection.hour_bucket`) or
+        several statements; no write lock is taken."""
+        return self._connect()
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT``; any exception rolls the whole block back.
+    async def _connect(self) -> AsyncIterator[Connection]:
+        """A connection for reads (no write lock taken)."""
+        if self._sa is not None:
+            async with self._lock:
+                try:
+                    yield Connection(self._sa, self.dialect, self)
+                finally:
+                    # Ends SQLAlchemy's notional transaction; nothing is open in SQLite.
+                    await self._sa.rollback()
+            return
+        async with self._engine.connect() as sa:
+            yield Connection(sa, self.dialect, self)
 
-        A refusal by the database (see ``_REFUSALS``) is kept as :attr:`write_failure`; a
-        successful COMMIT clears it."""
-        async with self._lock:
-            try:
-                await self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                self._note_refusal(exc)
-                raise
-            try:
-                yield self._conn
-            except BaseException as exc:
-                await self._rollback()
-                if isinstance(exc, sqlite3.Error):
-                    self._note_refusal(exc)
-                raise
-            try:
-                await self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                # A failed COMMIT may leave the transaction open: never leave it to the next
-                # caller, whose BEGIN would fail ("cannot start a transaction within ...").
-                await self._rollback()
-                self._note_refusal(exc)
-                raise
-            self._note_commit()
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """One write transaction; any exception rolls the whole block back. SQLite: ``BEGIN
+        IMMEDIATE`` ... ``COMMIT``; PostgreSQL: a pooled connection's transaction.
 
-    async def _rollback(self) -> None:
-        # SQLite has already rolled back after some errors (SQLITE_FULL, SQLITE_IOERR,
-        # SQLITE_BUSY, ...): a second ROLLBACK would fail and hide the error that matters.
-        if not self._conn.in_transaction:
+        A refusal by the database is kept as :attr:`write_failure`; a successful COMMIT
+        clears it."""
+        if self._sa is not None:
+            async with self._lock, self._sqlite_transaction(self._sa) as conn:
+                yield conn
             return
         try:
-            await self._conn.execute("ROLLBACK")
-        except sqlite3.Error as exc:
-            log.error("database: rollback failed: %s", exc)
+            async with self._engine.begin() as sa:
+                yield Connection(sa, self.dialect, self)
+        except (DBAPIError, sqlite3.Error, OSError) as exc:
             self._note_refusal(exc)
+            raise
+        self._note_commit()
 
-    def _note_refusal(self, exc: sqlite3.Error) -> None:
-        code = _primary_code(exc)
-        if code not in _REFUSALS:
+    @asynccontextmanager
+    async def _sqlite_transaction(self, sa: AsyncConnection) -> AsyncIterator[Connection]:
+        try:
+            await sa.exec_driver_sql("BEGIN IMMEDIATE")
+        except DBAPIError as exc:
+            self._note_refusal(_orig(exc))
+            await sa.rollback()
+            raise _orig(exc) from exc
+        try:
+            yield Connection(sa, self.dialect, self)
+        except BaseException as exc:
+            await self._rollback(sa)
+            if isinstance(exc, sqlite3.Error):
+                self._note_refusal(exc)
+            raise
+        try:
+            await sa.commit()
+        except DBAPIError as exc:
+            # A failed COMMIT may leave the transaction open: never leave it to the next
+            # caller, whose BEGIN would fail ("cannot start a transaction within ...").
+            await self._rollback(sa)
+            self._note_refusal(_orig(exc))
+            raise _orig(exc) from exc
+        self._note_commit()
+
+    async def _rollback(self, sa: AsyncConnection) -> None:
+        # SQLite has already rolled back after some errors (SQLITE_FULL, SQLITE_IOERR,
+        # SQLITE_BUSY, ...); the driver's rollback then does nothing, and a failure of it
+        # must not hide the error that matters.
+        try:
+            await sa.rollback()
+        except DBAPIError as exc:
+            log.error("database: rollback failed: %s", _orig(exc))
+            self._note_refusal(_orig(exc))
+
+    def _unwrap(self, exc: DBAPIError) -> BaseException:
+        """SQLite's own errors surface unwrapped (the codes say what failed); PostgreSQL's
+        stay SQLAlchemy's (``exc.orig`` holds asyncpg's)."""
+        if self.dialect == SQLITE and isinstance(exc.orig, sqlite3.Error):
+            return exc.orig
+        return exc
+
+    def _note_refusal(self, exc: BaseException) -> None:
+        failure = self._refusal(exc)
+        if failure is None:
             return
         current = self._write_failure
         if current is not None and current.corrupt:
             return  # the damage stays the news
-        failure = WriteFailure(
-            error=str(exc), code=getattr(exc, "sqlite_errorname", "") or f"SQLite code {code}",
-            at=time.time(), corrupt=code in _DAMAGE)
         if failure.corrupt:
-            log.error("database %s is damaged: %s; %s", self.path, exc,
+            log.error("database %s is damaged: %s; %s", self.target.display, exc,
                       _restore_hint(self.path))
         elif current is None:
-            log.error("database %s refused a write: %s (%s)", self.path, exc, failure.code)
+            log.error("database %s refused a write: %s (%s)", self.target.display,
+                      failure.error, failure.code)
         self._write_failure = failure
+
+    def _refusal(self, exc: BaseException) -> WriteFailure | None:
+        if isinstance(exc, DBAPIError) and self.dialect == SQLITE and exc.orig is not None:
+            exc = exc.orig
+        if isinstance(exc, sqlite3.Error):
+            code = _primary_code(exc)
+            if code not in _REFUSALS:
+                return None
+            return WriteFailure(
+                error=str(exc),
+                code=getattr(exc, "sqlite_errorname", "") or f"SQLite code {code}",
+                at=time.time(), corrupt=code in _DAMAGE)
+        state = _sqlstate(exc)
+        gone = isinstance(exc, OSError) or (isinstance(exc, DBAPIError)
+                                           and exc.connection_invalidated)
+        if gone or (state is not None and (state.startswith(_PG_REFUSAL_CLASSES)
+                                           or state == _PG_READ_ONLY)):
+            orig = getattr(exc, "orig", None) or exc
+            return WriteFailure(error=str(orig).splitlines()[0] if str(orig) else repr(orig),
+                                code=state or type(orig).__name__, at=time.time(),
+                                corrupt=False)
+        return None
 
     def _note_commit(self) -> None:
         failure = self._write_failure
         if failure is not None and not failure.corrupt:
             log.warning("database %s takes writes again (refused since %.0fs ago: %s)",
-                        self.path, time.time() - failure.at, failure.error)
+                        self.target.display, time.time() - failure.at, failure.error)
             self._write_failure = None
 
-    async def fetchall(
-        self, sql: str, params: tuple[object, ...] | dict[str, object] = ()
-    ) -> list[aiosqlite.Row]:
-        async with self._lock, self._conn.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+    async def fetchall(self, sql: str, params: Params = ()) -> list[Record]:
+        async with self._connect() as conn:
+            return await conn.fetchall(sql, params)
 
-    async def fetchone(
-        self, sql: str, params: tuple[object, ...] | dict[str, object] = ()
-    ) -> aiosqlite.Row | None:
-        async with self._lock, self._conn.execute(sql, params) as cur:
-            return await cur.fetchone()
+    async def fetchone(self, sql: str, params: Params = ()) -> Record | None:
+        async with self._connect() as conn:
+            return await conn.fetchone(sql, params)
+
+
+def _orig(exc: DBAPIError) -> BaseException:
+    """The driver's own error under SQLAlchemy's wrapper."""
+    return exc.orig if isinstance(exc.orig, BaseException) else exc
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """PostgreSQL's SQLSTATE of an error, through SQLAlchemy's and asyncpg's wrappers."""
+    for candidate in (exc, getattr(exc, "orig", None),
+                      getattr(getattr(exc, "orig", None), "__cause__", None)):
+        state = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(state, str):
+            return state
+    return None
 
 
 async def _quick_check(conn: aiosqlite.Connection, path: Path) -> None:
@@ -328,8 +705,8 @@ async def _quick_check(conn: aiosqlite.Connection, path: Path) -> None:
             f"{path} is damaged (SQLite's quick_check: {found}); {_restore_hint(path)}")
 
 
-def _damaged(path: Path, exc: sqlite3.DatabaseError) -> CorruptDatabase:
-    if _primary_code(exc) == sqlite3.SQLITE_NOTADB:
+def _damaged(path: Path, exc: BaseException | None) -> CorruptDatabase:
+    if exc is not None and _primary_code(exc) == sqlite3.SQLITE_NOTADB:
         # `loopbot restore` cannot tell whether the bot still uses a file it cannot read as a
         # database, so it wants that file moved aside first (and then --new).
         return CorruptDatabase(
@@ -340,16 +717,10 @@ def _damaged(path: Path, exc: sqlite3.DatabaseError) -> CorruptDatabase:
     return CorruptDatabase(f"{path} is damaged (SQLite: {exc}); {_restore_hint(path)}")
 
 
-async def fetchone(
-    conn: aiosqlite.Connection, sql: str, params: tuple[object, ...] = ()
-) -> aiosqlite.Row | None:
-    """A read inside an open :meth:`Database.transaction` (the lock is already held)."""
-    async with conn.execute(sql, params) as cur:
-        return await cur.fetchone()
+async def fetchone(conn: Connection, sql: str, params: Params = ()) -> Record | None:
+    """A read inside an open :meth:`Database.transaction`."""
+    return await conn.fetchone(sql, params)
 
 
-async def fetchall(
-    conn: aiosqlite.Connection, sql: str, params: tuple[object, ...] = ()
-) -> list[aiosqlite.Row]:
-    async with conn.execute(sql, params) as cur:
-        return list(await cur.fetchall())
+async def fetchall(conn: Connection, sql: str, params: Params = ()) -> list[Record]:
+    return await conn.fetchall(sql, params)

@@ -14,9 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import aiosqlite
-
-from bot.store.db import Database, fetchall
+from bot.store.db import Connection, Database, fetchall
 
 OutboxKind = Literal["verdict", "reply", "notice"]
 GROUP_TYPES = frozenset({"group", "supergroup", "channel"})
@@ -50,7 +48,7 @@ class OutboxItem:
     attempts: int
 
 
-async def add_outgoing(conn: aiosqlite.Connection, items: Sequence[Outgoing],
+async def add_outgoing(conn: Connection, items: Sequence[Outgoing],
                        now: float) -> None:
     """Inside an open transaction: store what must be sent with what the transaction
     writes."""
@@ -121,7 +119,8 @@ class Outbox:
             # The interaction may be gone (/forget meanwhile): nothing to attach then.
             await conn.execute(
                 "INSERT INTO bot_messages (chat_id, message_id, interaction_id, kind)"
-                " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM interactions WHERE id = ?)"
+                " SELECT CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT), ?"
+                " WHERE EXISTS (SELECT 1 FROM interactions WHERE id = ?)"
                 " ON CONFLICT (chat_id, message_id) DO NOTHING",
                 (item.chat_id, message_id, item.interaction_id, item.kind,
                  item.interaction_id))
@@ -139,6 +138,26 @@ class Outbox:
                 "UPDATE outbox SET state = ?, attempts = attempts + 1, payload = '{}',"
                 " error = ?, sent_at = ? WHERE id = ?",
                 (state, error[:500], time.time(), item.id))
+
+    async def lease_chat(self, chat_id: int, owner: str, *, lease_s: float,
+                         now: float | None = None) -> bool:
+        """Become (or stay) the one sender of a chat for ``lease_s`` seconds. With several
+        replicas, one sender per chat keeps Telegram's per-chat limit and the order of the
+        chat's messages; False while another replica's lease runs."""
+        at = time.time() if now is None else now
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                "INSERT INTO chat_senders (chat_id, owner, lease_until) VALUES (?, ?, ?)"
+                " ON CONFLICT (chat_id) DO UPDATE SET owner = excluded.owner,"
+                " lease_until = excluded.lease_until"
+                " WHERE chat_senders.owner = excluded.owner OR chat_senders.lease_until < ?",
+                (chat_id, owner, at + lease_s, at))
+        return cur.rowcount == 1
+
+    async def release_chat(self, chat_id: int, owner: str) -> None:
+        async with self.db.transaction() as conn:
+            await conn.execute("DELETE FROM chat_senders WHERE chat_id = ? AND owner = ?",
+                               (chat_id, owner))
 
     async def counts(self) -> dict[str, int]:
         rows = await self.db.fetchall("SELECT state, COUNT(*) FROM outbox GROUP BY state")

@@ -11,10 +11,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiosqlite
-
-from bot.store.db import Database, fetchone
+from bot.errors import LoopbotError
+from bot.store.db import Database, Record, fetchone
 from bot.store.outbox import Outgoing, add_outgoing
+
+
+class UserForgotten(LoopbotError, RuntimeError):
+    """The message was sent before its author's /forget: it is not stored."""
+
+
+def user_lock(user_id: int) -> str:
+    """The name of a user's lock (:meth:`Connection.lock`): storing their message and
+    forgetting them never interleave, on whichever replicas they run."""
+    return f"loopbot:user:{user_id}"
 
 
 @dataclass(frozen=True)
@@ -136,7 +145,7 @@ class ForgetResult:
     reactions: int
 
 
-def _interaction(row: aiosqlite.Row) -> Interaction:
+def _interaction(row: Record) -> Interaction:
     return Interaction(
         id=int(row["id"]), created_at=float(row["created_at"]), update_id=row["update_id"],
         chat_id=int(row["chat_id"]), chat_type=row["chat_type"], user_id=int(row["user_id"]),
@@ -149,7 +158,7 @@ def _interaction(row: aiosqlite.Row) -> Interaction:
     )
 
 
-def _vote(row: aiosqlite.Row) -> Vote:
+def _vote(row: Record) -> Vote:
     return Vote(
         interaction_id=int(row["interaction_id"]), user_id=int(row["user_id"]),
         correct=bool(row["correct"]), correct_label=row["correct_label"],
@@ -165,8 +174,9 @@ class Store:
         self.db = db
 
     @classmethod
-    async def open(cls, path: str | Path) -> Store:
-        return cls(await Database.open(path))
+    async def open(cls, where: str | Path, *, upgrade: bool | None = None) -> Store:
+        """``where``: a SQLite path or URL, or a PostgreSQL URL (see :meth:`Database.open`)."""
+        return cls(await Database.open(where, upgrade=upgrade))
 
     async def close(self) -> None:
         await self.db.close()
@@ -186,6 +196,14 @@ class Store:
         confidence = probs.get(new.label) if new.label is not None else None
         at = time.time() if new.created_at is None else new.created_at
         async with self.db.transaction() as conn:
+            # Under the user's lock, like /forget (another replica may be forgetting this
+            # user right now): a message sent before the user's /forget is not stored.
+            await conn.lock(user_lock(new.user_id))
+            if new.update_id is not None and await fetchone(
+                    conn, "SELECT 1 FROM forgotten_users WHERE user_id = ?"
+                    " AND before_update_id > ?", (new.user_id, new.update_id)) is not None:
+                raise UserForgotten(f"user {new.user_id} asked to be forgotten after sending "
+                                    f"update {new.update_id}")
             cur = await conn.execute(
                 "INSERT INTO interactions (created_at, update_id, chat_id, chat_type, user_id,"
                 " message_id, text, version_id, content_hash, arm, bucket, label,"
@@ -232,8 +250,10 @@ class Store:
             # The interaction may be gone already (/forget while the reply was generated):
             # then there is nothing to attach the messages to.
             await conn.executemany(
-                "INSERT OR IGNORE INTO bot_messages (chat_id, message_id, interaction_id, kind)"
-                " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM interactions WHERE id = ?)",
+                "INSERT INTO bot_messages (chat_id, message_id, interaction_id, kind)"
+                " SELECT CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT), ?"
+                " WHERE EXISTS (SELECT 1 FROM interactions WHERE id = ?)"
+                " ON CONFLICT (chat_id, message_id) DO NOTHING",
                 [(chat_id, mid, interaction_id, kind, interaction_id) for mid in message_ids],
             )
 
@@ -281,8 +301,10 @@ class Store:
         # "Wrong" clicked again after the right label was picked keeps that label: a re-tap
         # must not erase the correction mining and credibility learn from.
         label = ("CASE WHEN excluded.correct = 0 AND excluded.correct_label IS NULL"
-                 " AND correct = 0 THEN correct_label ELSE excluded.correct_label END")
+                 " AND votes.correct = 0 THEN votes.correct_label"
+                 " ELSE excluded.correct_label END")
         async with self.db.transaction() as conn:
+            await conn.lock(user_lock(user_id))  # ordered with the voter's /forget
             if await fetchone(conn, "SELECT 1 FROM interactions WHERE id = ?",
                               (interaction_id,)) is None:
                 return None  # deleted meanwhile (/forget of its author)
@@ -292,8 +314,11 @@ class Store:
                 " ON CONFLICT (interaction_id, user_id) DO UPDATE SET"
                 f" correct = excluded.correct, correct_label = {label},"
                 " updated_at = excluded.updated_at,"
-                " changes = changes + (correct IS NOT excluded.correct"
-                f"   OR correct_label IS NOT {label})",
+                # COALESCE: a null-safe comparison both databases spell the same way (labels
+                # are never empty strings).
+                " changes = votes.changes + CASE WHEN votes.correct != excluded.correct"
+                f"   OR COALESCE(votes.correct_label, '') != COALESCE({label}, '')"
+                "   THEN 1 ELSE 0 END",
                 (interaction_id, user_id, int(correct), correct_label, at, at, int(correct)),
             )
             row = await fetchone(
@@ -332,10 +357,10 @@ class Store:
                 " ON CONFLICT (chat_id, message_id, user_id) DO UPDATE SET"
                 " emojis = excluded.emojis, polarity = excluded.polarity,"
                 " updated_at = excluded.updated_at,"
-                " first_polarity = CASE WHEN COALESCE(first_polarity, 0) = 0"
-                "   THEN excluded.polarity ELSE first_polarity END,"
-                " first_at = CASE WHEN COALESCE(first_polarity, 0) = 0"
-                "   THEN excluded.updated_at ELSE first_at END",
+                " first_polarity = CASE WHEN COALESCE(reactions.first_polarity, 0) = 0"
+                "   THEN excluded.polarity ELSE reactions.first_polarity END,"
+                " first_at = CASE WHEN COALESCE(reactions.first_polarity, 0) = 0"
+                "   THEN excluded.updated_at ELSE reactions.first_at END",
                 (interaction_id, chat_id, message_id, user_id, kind,
                  json.dumps(list(emojis), ensure_ascii=False), polarity if emojis else 0, at,
                  polarity if emojis else 0, at),
@@ -359,15 +384,17 @@ class Store:
         """Per version: verdicts shown, votes on them, correct votes, reply reactions."""
         rows = await self.db.fetchall(
             "SELECT i.version_id AS version_id,"
-            " SUM(i.label IS NOT NULL) AS verdicts,"
+            " COUNT(i.label) AS verdicts,"
             " AVG(i.verdict_latency_ms) AS latency,"
             " COALESCE(SUM(v.n), 0) AS votes, COALESCE(SUM(v.c), 0) AS correct,"
             " COALESCE(SUM(r.pos), 0) AS pos, COALESCE(SUM(r.neg), 0) AS neg"
             " FROM interactions i"
             " LEFT JOIN (SELECT interaction_id, COUNT(*) AS n, SUM(correct) AS c FROM votes"
             "            GROUP BY interaction_id) v ON v.interaction_id = i.id"
-            " LEFT JOIN (SELECT interaction_id, SUM(polarity > 0) AS pos,"
-            "            SUM(polarity < 0) AS neg FROM reactions WHERE kind = 'reply'"
+            " LEFT JOIN (SELECT interaction_id,"
+            "            SUM(CASE WHEN polarity > 0 THEN 1 ELSE 0 END) AS pos,"
+            "            SUM(CASE WHEN polarity < 0 THEN 1 ELSE 0 END) AS neg"
+            "            FROM reactions WHERE kind = 'reply'"
             "            GROUP BY interaction_id) r ON r.interaction_id = i.id"
             " GROUP BY i.version_id ORDER BY MIN(i.created_at)"
         )
@@ -381,13 +408,15 @@ class Store:
     async def accuracy_series(self, period_s: float = 3600.0, since: float = 0.0
                               ) -> list[AccuracyPoint]:
         """Votes per version and period of the verdict's time, oldest first."""
-        rows = await self.db.fetchall(
-            "SELECT i.version_id, CAST(i.created_at / ? AS INTEGER) AS period,"
-            " COUNT(*) AS n, SUM(v.correct) AS c"
-            " FROM votes v JOIN interactions i ON i.id = v.interaction_id"
-            " WHERE i.created_at >= ? GROUP BY i.version_id, period ORDER BY period",
-            (period_s, since),
-        )
+        async with self.db.read() as conn:
+            period = conn.hour_bucket("i.created_at / ?")
+            rows = await conn.fetchall(
+                f"SELECT i.version_id, {period} AS period,"
+                " COUNT(*) AS n, SUM(v.correct) AS c"
+                " FROM votes v JOIN interactions i ON i.id = v.interaction_id"
+                " WHERE i.created_at >= ? GROUP BY 1, 2 ORDER BY 2, 1",
+                (float(period_s), since),
+            )
         return [AccuracyPoint(r[0], float(r[1]) * period_s, int(r[2]), int(r[3]))
                 for r in rows]
 
@@ -414,12 +443,14 @@ class Store:
         sent before ``before_update_id`` (Telegram's order) are refused if they arrive late."""
         at = time.time() if now is None else now
         async with self.db.transaction() as conn:
+            await conn.lock(user_lock(user_id))
             await conn.execute(
                 "INSERT INTO forgotten_users (user_id, forgotten_at, before_update_id)"
                 " VALUES (?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
                 " forgotten_at = excluded.forgotten_at,"
-                " before_update_id = MAX(forgotten_users.before_update_id,"
-                "                        excluded.before_update_id)",
+                " before_update_id = CASE WHEN excluded.before_update_id"
+                "   > forgotten_users.before_update_id THEN excluded.before_update_id"
+                "   ELSE forgotten_users.before_update_id END",
                 (user_id, at, before_update_id))
             # Handled updates keep no text; their rows only recognise redeliveries.
             await conn.execute("UPDATE inbox SET payload = '{}' WHERE user_id = ?"
@@ -475,3 +506,11 @@ class Store:
                                " WHERE report != '{}' AND created_at < ?",
                                (cutoff + quote_window_s,))
             return cur.rowcount
+
+
+async def vote_totals(db: Database) -> list[tuple[str, int, int]]:
+    """(version, votes, correct votes) for every version with votes (for /metrics)."""
+    rows = await db.fetchall(
+        "SELECT i.version_id, COUNT(*), SUM(v.correct) FROM votes v"
+        " JOIN interactions i ON i.id = v.interaction_id GROUP BY i.version_id")
+    return [(str(r[0]), int(r[1]), int(r[2] or 0)) for r in rows]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 from collections.abc import Sequence
 
 from telegram import BotCommand, Update
@@ -25,23 +24,23 @@ from telegram.ext import (
 )
 
 from bot import texts
-from bot.config import Settings, prompts_directory
+from bot.config import Settings, prompts_directory, replica_name
 from bot.ops.metrics import METRICS
 from bot.prompts import load_directory
 from bot.service import Service
+from bot.store.db import DB_ERRORS
 from bot.store.outbox import Outbox
 from bot.store.queries import Store
 from bot.telegram import runner
 from bot.telegram.handlers import admin, callbacks, messages, reactions, user_commands
 from bot.telegram.jobs import schedule_experiment_job, schedule_learning_job
 from bot.telegram.ops_hooks import ops_post_init
-from bot.telegram.sender import Sender, SendLimits
+from bot.telegram.sender import SENDER_SWEEP_S, Sender, SendLimits
 from bot.telegram.state import CONTEXT_TYPES, BotApp, BotContext, PostInitHook, new_job_queue
-from bot.telegram.webhook import plan_webhook
+from bot.telegram.webhook import ALLOWED_UPDATES, plan_webhook
 
 log = logging.getLogger(__name__)
 
-ALLOWED_UPDATES = (Update.MESSAGE, Update.CALLBACK_QUERY, Update.MESSAGE_REACTION)
 # Hooks every bot gets; each runs in post_init once the service is up.
 DEFAULT_POST_INIT_HOOKS: tuple[PostInitHook, ...] = (
     ops_post_init,  # health endpoint, retention and backup jobs
@@ -78,8 +77,13 @@ async def post_init(app: BotApp) -> None:
     active = await service.start()
     state.service = service
     state.outbox = Outbox(store.db)
-    state.sender = Sender(app.bot, state.outbox, metrics=METRICS, limits=SendLimits(
-        backlog_limit=settings.telegram.group_backlog_limit))
+    replicas = settings.telegram.replicas
+    state.sender = Sender(
+        app.bot, state.outbox, metrics=METRICS,
+        limits=SendLimits.for_replicas(replicas, settings.telegram.group_backlog_limit),
+        owner=replica_name(settings),
+        # Replicas look for rows the others stored (a job's admin notes) or left behind.
+        sweep_s=SENDER_SWEEP_S if replicas > 1 else None)
     try:
         await app.bot.set_my_commands([BotCommand(c, d) for c, d in USER_COMMANDS])
     except Exception as exc:  # a cosmetic call must not keep the bot from starting
@@ -106,7 +110,7 @@ async def post_shutdown(app: BotApp) -> None:
 
 
 async def _on_error(update: object, context: BotContext) -> None:
-    if isinstance(context.error, sqlite3.Error) and isinstance(update, Update):
+    if isinstance(context.error, DB_ERRORS) and isinstance(update, Update):
         # The database refuses writes: say so at once (the outbox cannot be written either),
         # instead of leaving the user in silence; /healthz reports the failure.
         log.error("update %s: the database refused (%s)", update.update_id, context.error)
@@ -186,8 +190,10 @@ def run_polling(app: BotApp, *, handle_signals: bool = True) -> None:
 def run_webhook(app: BotApp, settings: Settings, *, handle_signals: bool = True) -> None:
     """Serve updates over a webhook until SIGINT/SIGTERM (or ``BotState.request_stop``), like
     :func:`run_polling`. Registers the webhook with Telegram at start and leaves it
-    registered at exit (a restart re-registers it; polling deletes it). Each update is stored
-    before it is answered with 200 (:mod:`bot.telegram.webhook_server`)."""
+    registered at exit (a restart re-registers it; polling deletes it), unless
+    ``telegram.webhook_register`` is false: then ``loopbot webhook set`` registered it for
+    all replicas, and the start only checks it (:mod:`bot.telegram.webhook`). Each update is
+    stored before it is answered with 200 (:mod:`bot.telegram.webhook_server`)."""
     runner.run(app, start=post_init, stop=post_shutdown, allowed_updates=list(ALLOWED_UPDATES),
                webhook=plan_webhook(settings.telegram), handle_signals=handle_signals,
                max_body_bytes=settings.telegram.webhook_max_body_bytes)

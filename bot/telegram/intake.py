@@ -12,6 +12,7 @@ skipped, and polling goes on.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import warnings
@@ -49,16 +50,35 @@ class Dispatcher:
         self.app, self.inbox = app, inbox
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Updates this process is handling: a resume sweep must not start them twice.
+        self._inflight: set[int] = set()
         self._stopping = False
 
     def submit(self, update_ids: Sequence[int]) -> None:
         for update_id in update_ids:
             if self._stopping:
                 return
+            if update_id in self._inflight:
+                continue
+            self._inflight.add(update_id)
             task = asyncio.create_task(self._handle(update_id),
                                        name=f"loopbot-update-{update_id}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(self._done, update_id))
+
+    def _done(self, update_id: int, _task: asyncio.Task[None]) -> None:
+        self._inflight.discard(update_id)
+
+    async def resume_forever(self, every_s: float) -> None:
+        """Replicas: now and then take up updates whose claim ran out (a replica that died
+        while handling them), and any stored while nobody handed them over."""
+        while not self._stopping:
+            await asyncio.sleep(every_s)
+            try:
+                await self.resume()
+            except Exception as exc:  # the database is down: health says so; try again
+                log.warning("inbox sweep failed: %s", exc)
 
     async def resume(self) -> int:
         """Hand over what an earlier run stored but did not finish; returns how many."""

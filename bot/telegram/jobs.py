@@ -6,17 +6,28 @@ admin what it did and why whenever the action is not a plain hold. A hold that w
 person (arms scored by different scorers) is told once per test while the bot runs, not at
 every look. It never dies: any error is logged and the next run tries again (each write is
 one transaction, so a failed run leaves the state as it was).
+
+Replicas: every replica schedules the job, and each run of it first takes the period's lease
+in the database (:class:`bot.store.jobs.JobRuns`): one replica runs a period, the others
+skip it. The admins' message about an applied decision is stored in the outbox in the
+decision's own transaction, so a replica killed right after deciding leaves one decision and
+one message; its lease expires and the next replica's run finds the state already decided.
+The job fires every minute (or every interval, if shorter) and does its work once per
+``experiment.interval_minutes`` period, so a period a dead replica left is taken up within
+minutes of its lease running out, not an interval later.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from bot.config import replica_name
 from bot.experiment import analyze
 from bot.learning import loop as learning
+from bot.store.jobs import JobRuns, Lease
 from bot.telegram.state import BotApp, BotContext
 from bot.texts import learning as learning_texts
 
@@ -26,6 +37,11 @@ EXPERIMENT_JOB = "loopbot-experiment"
 # The first analysis shortly after start-up: a decision due while the bot was down is taken
 # within a minute, once the bot is answering messages.
 FIRST_RUN_S = 30.0
+# How often a replica looks whether the current period still needs running.
+TICK_S = 60.0
+# How long a replica holds a period's lease: far longer than an analysis takes; a replica
+# killed mid-run blocks the period this long.
+LEASE_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -34,10 +50,12 @@ class JobData:
     clock: Callable[[], float] = time.time
     # The holds the admins were already told about (Outcome.tell_once): told once, not hourly.
     told: set[tuple[str, str, int, str]] = field(default_factory=set)
+    lease_s: float = LEASE_S
 
 
 async def schedule_experiment_job(application: BotApp, *, first: float = FIRST_RUN_S,
-                                  clock: Callable[[], float] = time.time) -> None:
+                                  clock: Callable[[], float] = time.time,
+                                  lease_s: float = LEASE_S) -> None:
     """A ``post_init`` hook (see :data:`bot.telegram.app.DEFAULT_POST_INIT_HOOKS`): schedule
     the analysis every ``experiment.interval_minutes``, the first run after ``first`` s."""
     state = application.bot_data
@@ -45,8 +63,10 @@ async def schedule_experiment_job(application: BotApp, *, first: float = FIRST_R
     if queue is None:
         raise RuntimeError("python-telegram-bot was installed without the job-queue extra")
     interval_s = state.settings.experiment.interval_minutes * 60.0
-    queue.run_repeating(run_experiment_job, interval=interval_s, first=first,
-                        name=EXPERIMENT_JOB, data=JobData(clock),
+    # A short interval (tests, demos) also starts sooner than the usual first run.
+    first = min(first, interval_s)
+    queue.run_repeating(run_experiment_job, interval=min(interval_s, TICK_S), first=first,
+                        name=EXPERIMENT_JOB, data=JobData(clock, lease_s=lease_s),
                         # A slow run is never stacked with the next one.
                         job_kwargs={"max_instances": 1, "coalesce": True})
     log.info("experiment analysis every %g min (first in %gs)",
@@ -62,11 +82,23 @@ async def run_experiment_job(context: BotContext) -> None:
     service = state.service
     if service is None:
         return  # still starting or already stopping: the next run does it
+    now = clock()
+    runs = JobRuns(service.store.db, replica_name(state.settings))
+    period = int(now // (state.settings.experiment.interval_minutes * 60.0))
+    try:
+        lease = await runs.claim(EXPERIMENT_JOB, period, lease_s=data.lease_s, now=now)
+    except Exception as exc:
+        log.error("experiment analysis: cannot take this period's lease: %s", exc)
+        return
+    if lease is None:
+        return  # done this period, or another replica is running it
+    admins = list(state.settings.telegram.admins)
     try:
         outcomes = await analyze(service.store.db, service.versions, state.settings.experiment,
-                                 now=clock())
+                                 now=now, notify=admins)
     except Exception:
         log.exception("experiment analysis failed; retried at the next run")
+        await _give_back(runs, lease)
         return
     for outcome in outcomes:
         log.info("experiment %s vs %s: %s (%s)%s", outcome.candidate_id, outcome.active_id,
@@ -75,6 +107,12 @@ async def run_experiment_job(context: BotContext) -> None:
         if outcome.applied:
             service.metrics.count_decision(outcome.action)
         if not outcome.notable:
+            continue
+        if outcome.noted:  # stored in the outbox with the decision: the sender delivers it
+            sender = state.sender
+            for admin in admins:
+                if sender is not None:
+                    sender.notify(admin, "private")
             continue
         once = outcome.tell_once
         if once is not None:
@@ -86,6 +124,20 @@ async def run_experiment_job(context: BotContext) -> None:
                 await context.bot.send_message(admin, outcome.message)
             except Exception as exc:  # one unreachable admin must not silence the others
                 log.warning("could not message admin %s: %s", admin, exc)
+    try:
+        if any(o.error for o in outcomes):
+            await runs.release(lease)  # a write failed: the next tick tries the period again
+        else:
+            await runs.finish(lease)
+    except Exception as exc:
+        log.error("experiment analysis: cannot record the period as done: %s", exc)
+
+
+async def _give_back(runs: JobRuns, lease: Lease) -> None:
+    try:
+        await runs.release(lease)
+    except Exception as exc:
+        log.error("cannot release the lease of %s: %s", lease.name, exc)
 
 
 LEARNING_JOB = "loopbot-learning"
@@ -106,7 +158,41 @@ async def schedule_learning_job(application: BotApp, *, first: float = 120.0,
     log.info("improvement loop (%s) every %g min", state.settings.loop.mode, interval / 60)
 
 
+async def once_per_period(context: BotContext, name: str, period_s: float,
+                          work: Callable[[], Awaitable[bool]], *,
+                          lease_s: float = LEASE_S) -> None:
+    """Run ``work`` unless this period of job ``name`` is done or another replica runs it;
+    ``work`` returns whether the period is done (False: try again at the next firing)."""
+    service = context.state.service
+    if service is None:
+        return  # still starting or already stopping
+    runs = JobRuns(service.store.db, replica_name(context.state.settings))
+    try:
+        lease = await runs.claim(name, int(time.time() // period_s), lease_s=lease_s)
+    except Exception as exc:
+        log.error("%s: cannot take this period's lease: %s", name, exc)
+        return
+    if lease is None:
+        return
+    done = False
+    try:
+        done = await work()
+    finally:
+        try:
+            await (runs.finish(lease) if done else runs.release(lease))
+        except Exception as exc:
+            log.error("%s: cannot record the period: %s", name, exc)
+
+
 async def run_learning_job(context: BotContext) -> None:
+    async def cycle() -> bool:
+        await _learning_cycle(context)
+        return True
+
+    await once_per_period(context, LEARNING_JOB, LEARNING_INTERVAL_S, cycle)
+
+
+async def _learning_cycle(context: BotContext) -> None:
     state = context.state
     service = state.service
     if service is None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import sqlite3
 
-from bot.config import ConfigError, Settings, resolve_path
+from bot.config import ConfigError, Settings, database_target, resolve_path
 from bot.ops.retention import erase_old_texts
 from bot.store.backup import BackupError, backup_and_rotate
+from bot.store.db import DB_ERRORS
+from bot.telegram.jobs import once_per_period
 from bot.telegram.state import BotApp, BotContext
 
 log = logging.getLogger(__name__)
@@ -44,22 +45,36 @@ def schedule_ops_jobs(application: BotApp, settings: Settings) -> None:
 
 
 async def _nightly_backup(context: BotContext) -> None:
+    # Once a day across replicas (they share the database and, in deploy/, the backup folder).
+    await once_per_period(context, BACKUP_JOB, 86_400.0, lambda: _backup(context))
+
+
+async def _backup(context: BotContext) -> bool:
     settings = context.state.settings
     storage = settings.storage
     try:
-        await backup_and_rotate(resolve_path(settings, storage.db),
+        await backup_and_rotate(database_target(settings),
                                 resolve_path(settings, storage.backup_dir), storage.backup_keep)
     except (BackupError, OSError) as exc:
         # Logged as an error, and /healthz stays green: the bot still answers users.
         log.error("nightly backup failed: %s", exc)
+        return False
+    return True
 
 
 async def _retention_sweep(context: BotContext) -> None:
+    await once_per_period(context, RETENTION_JOB, RETENTION_INTERVAL_S,
+                          lambda: _sweep(context))
+
+
+async def _sweep(context: BotContext) -> bool:
     settings = context.state.settings
     service = context.state.service
     if service is None:
-        return  # still starting or already stopping: the next sweep does it
+        return False  # still starting or already stopping: the next sweep does it
     try:
         await erase_old_texts(service.store.db, settings.storage.retention_days)
-    except sqlite3.Error as exc:
+    except DB_ERRORS as exc:
         log.error("retention sweep failed (retried in %.0fs): %s", RETENTION_INTERVAL_S, exc)
+        return False
+    return True

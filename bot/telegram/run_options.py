@@ -28,7 +28,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     ops.add_argument("--listen", metavar="HOST:PORT",
                      help="webhook mode: where the local webhook server binds, behind the "
                           "reverse proxy (telegram.webhook_listen, default 0.0.0.0:8443). The "
-                          "secret token comes from LOOPBOT_WEBHOOK_SECRET")
+                          "secret token comes from LOOPBOT_WEBHOOK_SECRET. Replicas set "
+                          "LOOPBOT_WEBHOOK_REGISTER=false and share one secret, registered "
+                          "once with `loopbot webhook set`")
     ops.add_argument("--log-json", action="store_true", default=None,
                      help="one JSON object per log line (logging.json)")
 
@@ -53,5 +55,7 @@ def serve(application: BotApp, settings: Settings) -> None:
         run_webhook(application, settings)
     else:
         from bot.telegram.app import run_polling
+        from bot.telegram.webhook import check_polling
 
+        check_polling(settings.telegram)  # polling would delete the replicas' webhook
         run_polling(application)

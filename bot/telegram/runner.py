@@ -19,16 +19,23 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
+from telegram.error import TelegramError
+
+from bot.config import replica_name
 from bot.store.inbox import Inbox
 from bot.telegram.intake import Dispatcher, Poller
 from bot.telegram.state import BotApp
-from bot.telegram.webhook import WebhookPlan
+from bot.telegram.webhook import WebhookPlan, registration_problems
 from bot.telegram.webhook_server import WebhookServer
 
 log = logging.getLogger(__name__)
 
 # Longest a stop waits for handlers still running; the rest is redone at the next start.
 STOP_GRACE_S = 5.0
+# Replicas: how often each looks for updates whose claim ran out (another replica died).
+RESUME_EVERY_S = 30.0
+# Longest the start of a replica waits for getWebhookInfo (the check only warns).
+REGISTRATION_CHECK_TIMEOUT_S = 15.0
 
 
 def run(app: BotApp, *, start: Callable[[BotApp], Awaitable[None]],
@@ -66,16 +73,21 @@ async def _serve(app: BotApp, start: Callable[[BotApp], Awaitable[None]],
     intake: asyncio.Task[None] | None = None
     server: WebhookServer | None = None
     dispatcher: Dispatcher | None = None
+    sweep: asyncio.Task[None] | None = None
     try:
         await app.initialize()
         await start(app)
         await app.start()  # the job queue
         if stopping.is_set():
             return
-        inbox = Inbox(state.require_service().store.db)
+        # Each replica claims updates under its own name (telegram.replica_id).
+        inbox = Inbox(state.require_service().store.db, owner=replica_name(state.settings))
         dispatcher = Dispatcher(app, inbox)
         await state.require_sender().start()
         await dispatcher.resume()
+        if state.settings.telegram.replicas > 1:
+            sweep = asyncio.create_task(dispatcher.resume_forever(RESUME_EVERY_S),
+                                        name="loopbot-inbox-sweep")
         if webhook is None:
             intake = asyncio.create_task(Poller(
                 app, inbox, dispatcher, timeout_s=state.settings.telegram.poll_timeout_s,
@@ -86,6 +98,8 @@ async def _serve(app: BotApp, start: Callable[[BotApp], Awaitable[None]],
         await _until_stopped(stopping, intake)
     finally:
         log.info("stopping: no new updates; running handlers get %.0fs", STOP_GRACE_S)
+        if sweep is not None:
+            sweep.cancel()
         await _close(app, stop, intake, server, dispatcher)
 
 
@@ -100,12 +114,33 @@ async def _start_webhook(app: BotApp, inbox: Inbox, dispatcher: Dispatcher,
                            host=plan.listen_host, port=plan.listen_port,
                            max_body_bytes=max_body_bytes)
     await server.start()
-    await app.bot.set_webhook(plan.webhook_url, secret_token=plan.secret_token,
-                              allowed_updates=allowed_updates, drop_pending_updates=False)
+    if plan.register:
+        await app.bot.set_webhook(plan.webhook_url, secret_token=plan.secret_token,
+                                  allowed_updates=allowed_updates, drop_pending_updates=False)
+        how = " (secret token generated for this run)" if plan.secret_generated else ""
+    else:
+        await _check_registration(app, plan, allowed_updates)
+        how = " (registered by `loopbot webhook set`, not by this start)"
     log.info("webhook mode: listening on %s:%d/%s for %s%s", plan.listen_host, server.port,
-             plan.url_path, plan.webhook_url,
-             " (secret token generated for this run)" if plan.secret_generated else "")
+             plan.url_path, plan.webhook_url, how)
     return server
+
+
+async def _check_registration(app: BotApp, plan: WebhookPlan,
+                              allowed_updates: list[str]) -> None:
+    """Replicas leave the registration to ``loopbot webhook set``: look once whether Telegram
+    delivers to this URL with the update types handled here, and warn if not. Never fails:
+    Telegram may be out of reach for a moment, and the updates wait there meanwhile."""
+    try:
+        async with asyncio.timeout(REGISTRATION_CHECK_TIMEOUT_S):
+            info = await app.bot.get_webhook_info()
+    except (TelegramError, TimeoutError, OSError) as exc:
+        log.warning("webhook: could not check the registration with getWebhookInfo (%s: %s); "
+                    "starting anyway", type(exc).__name__, exc)
+        return
+    for problem in registration_problems(info.url, info.allowed_updates or (),
+                                         plan.webhook_url, allowed_updates):
+        log.warning("webhook: %s", problem)
 
 
 async def _until_stopped(stopping: asyncio.Event, intake: asyncio.Task[None] | None) -> None:

@@ -11,6 +11,12 @@ Failures: a network error, a 5xx or a 429 is retried with backoff (the row stays
 the database, so a restart retries too); a refusal that cannot change (the user blocked the
 bot, the chat is gone, a bad request) is recorded and not retried.
 
+Several replicas: each chat has one sender at a time, the replica holding the chat's lease
+in the database (:meth:`Outbox.lease_chat`), so the per-chat limits and the order of a chat's
+messages hold whichever replica stored them; the overall limit is divided among the replicas
+(``telegram.replicas``). A sweep finds rows other replicas stored (admin notes of a job that
+ran there) or left behind (a replica that died): their chats' leases expire and are taken.
+
 A group whose backlog reaches ``backlog_limit`` messages is told that the bot is busy (at
 most once every ten minutes), and what it sends meanwhile is dropped before the model runs:
 visibly (the notice, and a count in the metrics), never silently.
@@ -41,6 +47,11 @@ log = logging.getLogger(__name__)
 BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
 GIVE_UP_AFTER_S = 86_400.0
+# How long a chat's sender holds the chat (renewed while it sends; a replica killed mid-send
+# leaves a lease that expires this long after its last renewal).
+CHAT_LEASE_S = 30.0
+# Replicas: how often each looks for chats with pending rows it was not told about.
+SENDER_SWEEP_S = 2.0
 # A group over its backlog is told so at most this often.
 BUSY_NOTICE_EVERY_S = 600.0
 
@@ -54,6 +65,13 @@ class SendLimits:
     group_per_minute: int = 20
     # Pending messages a group may have before it is told the bot is busy (a minute's worth).
     backlog_limit: int = 20
+
+    @classmethod
+    def for_replicas(cls, replicas: int, backlog_limit: int = 20) -> SendLimits:
+        """One replica's share of the bot's overall limit (the per-chat limits stay whole:
+        a chat has one sender at a time)."""
+        return cls(per_second_overall=max(1, cls.per_second_overall // max(1, replicas)),
+                   backlog_limit=backlog_limit)
 
 
 class _Window:
@@ -127,8 +145,16 @@ class _Preview:
 class Sender:
     def __init__(self, bot: Bot, outbox: Outbox, *, limits: SendLimits | None = None,
                  metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, owner: str = "local",
+                 sweep_s: float | None = None, chat_lease_s: float = CHAT_LEASE_S) -> None:
         self.bot, self.outbox = bot, outbox
+        # This process among the replicas: the owner of the chat leases it takes.
+        self.owner = owner
+        # How often to look for chats with pending rows this process was not told about
+        # (None: never; one process stores every row it sends).
+        self.sweep_s = sweep_s
+        self.chat_lease_s = chat_lease_s
+        self._sweeper: asyncio.Task[None] | None = None
         self.limits = limits or SendLimits()
         self.metrics = metrics
         self._limiter = _Limiter(self.limits, clock)
@@ -149,12 +175,31 @@ class Sender:
 
     async def start(self) -> None:
         """Deliver what an earlier run left in the outbox."""
+        await self.sweep()
+        if self.sweep_s is not None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(self.sweep_s),
+                                                name="loopbot-send-sweep")
+
+    async def sweep(self) -> None:
+        """Start a worker for every chat with pending rows (one whose lease another replica
+        holds stops at once)."""
         for chat_id, chat_type in await self.outbox.chats_pending():
             self.notify(chat_id, chat_type)
+
+    async def _sweep_forever(self, every_s: float) -> None:
+        while not self._closing:
+            await asyncio.sleep(every_s)
+            try:
+                await self.sweep()
+            except Exception as exc:  # the database is down: health says so; try again
+                log.warning("outbox sweep failed: %s", exc)
 
     async def stop(self) -> None:
         """Stop at once: what is not sent stays pending in the outbox for the next start."""
         self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         workers = list(self._workers.values())
         for task in workers:
             task.cancel()
@@ -232,9 +277,15 @@ class Sender:
     # --- the chat's worker ---------------------------------------------------------------
 
     async def _work(self, chat_id: int) -> None:
+        leased_until = 0.0
         try:
             while not self._closing:
                 self._wake[chat_id].clear()
+                if time.time() > leased_until - self.chat_lease_s / 2:
+                    if not await self.outbox.lease_chat(chat_id, self.owner,
+                                                        lease_s=self.chat_lease_s):
+                        return  # another replica sends this chat's messages
+                    leased_until = time.time() + self.chat_lease_s
                 item, retry_at = await self.outbox.next_for(chat_id)
                 if item is not None:
                     await self._deliver(item)
@@ -252,6 +303,9 @@ class Sender:
             # The database refused (health shows it); the rows stay pending for later.
             log.exception("sending to chat %s stopped; pending messages stay queued", chat_id)
         finally:
+            if leased_until and not self._closing:
+                with contextlib.suppress(Exception):
+                    await self.outbox.release_chat(chat_id, self.owner)
             self._workers.pop(chat_id, None)
             self._limiter.forget_idle()
             # A row committed while the worker was finishing must not wait for the next one.

@@ -92,3 +92,32 @@ def test_a_batched_step_computes_what_each_sequence_computes_alone_on_qwen_shape
             assert (ctx.logits(0) == together[seq]).all(), seq
     finally:
         backend.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_store_bench_measures_vote_commits_on_both_databases(
+        pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`loopbot bench --store --json`: an open-loop run of vote writes on a new SQLite file
+    and on the PostgreSQL database given, every rate measured on both, every write committed,
+    the percentiles in order. A database left unmeasured ("unavailable", "failed") fails."""
+    import json
+
+    from bot.bench_store import format_table
+    from bot.cli import main
+
+    code = main(["bench", "--store", "--json", "--store-url", pg_url, "--store-seconds", "1",
+                 "--store-rates", "20,50"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["store"]) == {"sqlite", "postgresql"}
+    for name, figures in result["store"].items():
+        assert set(figures) == {"20", "50"}, (name, figures)
+        for rate, row in figures.items():
+            assert row["attempted"] == row["committed"] == int(rate), (name, rate, row)
+            assert row["errors"] == 0, (name, rate, row)
+            assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"], (name, rate, row)
+            assert row["achieved_per_s"] > 0 and row["new_votes"] > 0, (name, rate, row)
+    assert result["machine"]["cpu_count"] >= 1
+    table = format_table(result)
+    assert table.count("\nsqlite ") == 2 and table.count("\npostgresql ") == 2, table

@@ -142,12 +142,15 @@ def test_the_job_does_not_decide_arms_scored_by_different_scorers_and_says_why_o
         return await experiment.analyze(*args, **kwargs)
 
     monkeypatch.setattr(jobs, "analyze", counted)
+    started = time.time()
 
     with FakeBotAPI() as api:
         harness = BotHarness(api, tiny_gguf, db_path,
                              overrides={"experiment.interval_minutes": 0.01})  # every 0.6 s
+        # The clock moves on: each 0.6 s is a new period the job looks at (once).
         harness.app.bot_data.post_init_hooks = [
-            functools.partial(jobs.schedule_experiment_job, first=0.2, clock=lambda: now)]
+            functools.partial(jobs.schedule_experiment_job, first=0.2,
+                              clock=lambda: now + time.time() - started)]
         harness.start()
         try:
             held = api.wait_for(lambda: [t for t in _admin_texts(api) if "HOLD" in t])

@@ -177,7 +177,7 @@ def test_fifty_votes_on_one_group_verdict_are_one_observation(
                            chat_id=group)
     # The votes fall into the next hour's stratum; analyse once that hour has closed.
     later = time.time() + 2 * 3600
-    untouched = _analyze(bot.db_path, capsys, later)
+    untouched = _analyze(Path(bot.db_path), capsys, later)
     data = verdict["reply_markup"]["inline_keyboard"][0][1]["callback_data"]
     members = [api.user(66_000 + n) for n in range(50)]
     for member in members:
@@ -185,7 +185,7 @@ def test_fifty_votes_on_one_group_verdict_are_one_observation(
                                      "message": verdict, "chat_instance": "g", "data": data}})
     api.wait_for(lambda: bot.query("SELECT COUNT(*) FROM votes WHERE user_id >= 66000"
                                    " AND user_id < 66050") == [(50,)], timeout=30)
-    voted = _analyze(bot.db_path, capsys, later)
+    voted = _analyze(Path(bot.db_path), capsys, later)
     arm = "active" if bot.query(
         "SELECT arm FROM interactions WHERE chat_id = ?", (group,)) == [("active",)] else (
         "candidate")
@@ -201,7 +201,7 @@ def test_fifty_votes_on_one_group_verdict_are_one_observation(
     api.send_text(admin, "/export events")
     (call,) = api.wait_for(lambda: api.calls_to("sendDocument", chat_id=str(ADMIN_ID))[sent:])
     name, data = call.files["document"]
-    log = bot.db_path.parent / name
+    log = Path(bot.db_path).parent / name
     log.write_bytes(data)
     from bot.cli import main
 

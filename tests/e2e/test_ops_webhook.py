@@ -30,22 +30,6 @@ SECRET = "right_Secret-token-123"
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 
 
-class WebhookBotAPI(FakeBotAPI):
-    """The fake Bot API plus the webhook methods."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.webhook: dict[str, str] = {}
-
-    def _m_setWebhook(self, p: dict[str, str], f: Any) -> Any:
-        self.webhook = dict(p)
-        return True
-
-    def _m_getWebhookInfo(self, p: dict[str, str], f: Any) -> Any:
-        return {"url": self.webhook.get("url", ""), "has_custom_certificate": False,
-                "pending_update_count": 0}
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -145,7 +129,7 @@ def test_webhook_updates_with_the_secret_are_handled_and_others_refused(
     listen = free_port()
     hook = f"http://127.0.0.1:{listen}/telegram/loopbot"
     db = tmp_path / "loopbot.db"
-    api = WebhookBotAPI()
+    api = FakeBotAPI()
     with api:
         settings = _settings(api, tiny_gguf, db, **{
             "telegram.webhook_url": hook, "telegram.webhook_listen": f"127.0.0.1:{listen}",
@@ -158,7 +142,10 @@ def test_webhook_updates_with_the_secret_are_handled_and_others_refused(
             # Registered with Telegram: our URL, our secret, the update types we handle.
             assert api.webhook["url"] == hook
             assert api.webhook["secret_token"] == SECRET
-            assert set(json.loads(api.webhook["allowed_updates"])) >= {"message"}
+            # The same list `loopbot webhook set` registers (tests/unit/test_webhook_cli.py).
+            assert json.loads(api.webhook["allowed_updates"]) == [
+                "message", "callback_query", "message_reaction"]
+            assert len(api.calls_to("setWebhook")) == 1
 
             user = api.user(5101)
             marker = "webhook marker 这句话不该出现在日志里 7731"
@@ -193,6 +180,70 @@ def test_webhook_updates_with_the_secret_are_handled_and_others_refused(
     assert not [line for line in lines if "7731" in line]
 
 
+@pytest.mark.slow
+def test_a_replica_leaves_the_registration_alone_and_warns_when_it_is_not_its_own(
+        tiny_gguf: Path, tmp_path: Path, records: Records) -> None:
+    """webhook_register false: no setWebhook at start (it would replace the registration all
+    replicas share); one getWebhookInfo, whose other URL and missing update type are logged
+    as warnings; updates with the shared secret are handled as usual."""
+    listen = free_port()
+    hook = f"http://127.0.0.1:{listen}/telegram/loopbot"
+    stale = "https://old.example.com/telegram/loopbot"
+    db = tmp_path / "loopbot.db"
+    with FakeBotAPI() as api:
+        # What `loopbot webhook set` registered for another deployment, without reactions.
+        api.webhook = {"url": stale, "secret_token": SECRET,
+                       "allowed_updates": json.dumps(["message", "callback_query"])}
+        settings = _settings(api, tiny_gguf, db, **{
+            "telegram.webhook_url": hook, "telegram.webhook_listen": f"127.0.0.1:{listen}",
+            "telegram.webhook_secret": SECRET, "telegram.webhook_register": False})
+        with RunningBot(settings, lambda app: run_webhook(app, settings,
+                                                          handle_signals=False)):
+            assert wait_healthy(settings.health.port) == "ok\n"
+            _wait_listening(listen)
+            started = _wait_log(records, "webhook mode: listening on")
+            assert "registered by `loopbot webhook set`" in started
+
+            user = api.user(5202)
+            update = {"update_id": 41, "message": {**api.user_message(user), "text": "hi"}}
+            assert http(hook, update, {SECRET_HEADER: "wrong-token"})[0] == 403
+            assert http(hook, update, {SECRET_HEADER: SECRET})[0] == 200
+            api.wait_calls("sendMessage", chat_id=str(user["id"]), timeout=30)
+        assert api.calls_to("setWebhook") == [] and api.calls_to("deleteWebhook") == []
+        assert len(api.calls_to("getWebhookInfo")) == 1
+        # The registration is as it was.
+        assert api.webhook["url"] == stale
+    warnings = [r.getMessage() for r in records.records if r.levelno == logging.WARNING
+                and r.name == "bot.telegram.runner"]
+    assert len(warnings) == 2, warnings
+    assert f"Telegram delivers updates to {stale}, not to telegram.webhook_url {hook}" \
+        in warnings[0]
+    assert "does not ask for message_reaction" in warnings[1]
+    assert not [line for line in records.above_debug() if SECRET in line]
+
+
+def test_a_replica_starts_when_telegram_cannot_say_what_is_registered(
+        tiny_gguf: Path, tmp_path: Path, records: Records) -> None:
+    listen = free_port()
+    hook = f"http://127.0.0.1:{listen}/telegram/loopbot"
+    with FakeBotAPI() as api:
+        api.error_next("getWebhookInfo", 502, description="Bad Gateway")
+        settings = _settings(api, tiny_gguf, tmp_path / "loopbot.db", **{
+            "telegram.webhook_url": hook, "telegram.webhook_listen": f"127.0.0.1:{listen}",
+            "telegram.webhook_secret": SECRET, "telegram.webhook_register": False})
+        with RunningBot(settings, lambda app: run_webhook(app, settings,
+                                                          handle_signals=False)):
+            assert wait_healthy(settings.health.port) == "ok\n"
+            _wait_log(records, "webhook mode: listening on")
+            user = api.user(5203)
+            update = {"update_id": 42, "message": {**api.user_message(user), "text": "hi"}}
+            assert http(hook, update, {SECRET_HEADER: SECRET})[0] == 200
+            api.wait_calls("sendMessage", chat_id=str(user["id"]), timeout=30)
+        assert api.calls_to("setWebhook") == []
+    assert any("could not check the registration with getWebhookInfo" in r.getMessage()
+               for r in records.records if r.levelno == logging.WARNING)
+
+
 def test_polling_mode_serves_health_and_metrics_too(tiny_gguf: Path, tmp_path: Path) -> None:
     with FakeBotAPI() as api:
         settings = _settings(api, tiny_gguf, tmp_path / "loopbot.db")
@@ -213,6 +264,16 @@ def _wait_rows(db: Path, sql: str, count: int, timeout: float = 30.0) -> list[tu
             rows = conn.execute(sql).fetchall()
         if len(rows) >= count or time.monotonic() > deadline:
             return rows
+        time.sleep(0.05)
+
+
+def _wait_log(records: Records, part: str, timeout: float = 30.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [r.getMessage() for r in list(records.records) if part in r.getMessage()]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"never logged: {part}"
         time.sleep(0.05)
 
 

@@ -1,7 +1,8 @@
-"""The real bot over HTTP: fake Bot API on loopback, real SQLite file, tiny real GGUF model.
+"""The real bot over HTTP: fake Bot API on loopback, tiny real GGUF model, and a real
+database: every test runs twice, on a SQLite file and on a real PostgreSQL.
 
-Tests in this module share one running bot and keep apart by user and chat ids; they run in
-file order (the admin test restores the version state it changes).
+Tests in this module share one running bot (per database) and keep apart by user and chat
+ids; they run in file order (the admin test restores the version state it changes).
 """
 
 from __future__ import annotations
@@ -10,11 +11,43 @@ import csv
 import io
 import re
 import time
+from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from bot.devtools.fakebotapi import FakeBotAPI
 from tests.e2e.botharness import ADMIN_ID, BotHarness
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres)])
+def database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The database of this module's bot: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path_factory.mktemp("bot") / "loopbot.db")
+    from tests.e2e.botharness import postgres_database
+
+    return postgres_database(request.getfixturevalue("pg_cluster"), "e2e_bot")
+
+
+@pytest.fixture(scope="module")
+def fake_api(database: str) -> Iterator[FakeBotAPI]:
+    """One fake Bot API per database, so the two runs do not see each other's calls."""
+    with FakeBotAPI() as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def bot(fake_api: FakeBotAPI, tiny_gguf: Path, database: str) -> Iterator[BotHarness]:
+    harness = BotHarness(fake_api, tiny_gguf, database,
+                         overrides={"telegram.user_rate_limit": 5})
+    harness.start()
+    yield harness
+    harness.stop()
 
 VERDICT_RE = re.compile(r"(😊 正面|😞 负面|😊 positive|😞 negative) · \d{1,3}%")
 STALE_EN = "This button is no longer valid; nothing was recorded."

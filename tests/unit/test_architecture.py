@@ -191,3 +191,33 @@ def test_the_checker_finds_a_cycle_within_one_layer(tmp_path: Path) -> None:
         "analytics/stats.py": "",
     })
     assert cycles(edges(root)) == [["analytics.check", "analytics.simulate"]]
+
+
+# The database drivers and SQLAlchemy belong to bot.store: every statement the bot, its jobs
+# and its command lines run lives there (bot.devtools' throwaway PostgreSQL cluster is a
+# test and benchmark tool, not a user of the database).
+DATABASE_LIBRARIES = {"sqlite3", "aiosqlite", "sqlalchemy", "asyncpg", "alembic"}
+
+
+def database_imports(root: Path) -> list[str]:
+    found = []
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            source = module_name(root, path)
+            if source.startswith(("bot.store", "bot.devtools")):
+                continue
+            for target, line in imports_of(root, path):
+                if target.split(".")[0] in DATABASE_LIBRARIES:
+                    found.append(f"{path.relative_to(root)}:{line}: {source} imports {target}")
+    return found
+
+
+def test_only_the_store_talks_to_the_database() -> None:
+    found = database_imports(ROOT)
+    assert not found, "database access outside bot/store:\n" + "\n".join(found)
+
+
+def test_the_database_check_fails_on_sql_outside_the_store(tmp_path: Path) -> None:
+    root = _tree(tmp_path, {"bot/store/db.py": "import sqlalchemy\n",
+                            "bot/jobs.py": "def f():\n    import sqlite3\n"})
+    assert database_imports(root) == ["bot/jobs.py:2: bot.jobs imports sqlite3"]

@@ -21,8 +21,9 @@ import pytest
 from analytics.decide import DecisionConfig, decide
 from bot import experiment, experiment_cli, versions
 from bot.prompts import PromptVersion, load_directory
-from bot.store.db import Database
+from bot.store.db import DB_ERRORS, Database
 from bot.store.queries import NewInteraction
+from tests.dbfaults import fail_audit_inserts, stop_failing_audit_inserts
 
 ROOT = Path(__file__).resolve().parents[2]
 A, B = "v1-zh", "v1-en"
@@ -37,8 +38,16 @@ def catalog() -> dict[str, PromptVersion]:
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
+async def sqlite_db(tmp_path: Path) -> AsyncIterator[Database]:
     database = await Database.open(tmp_path / "loopbot.db")
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    """Every experiment test runs on SQLite and on PostgreSQL."""
+    database = await Database.open(db_url, upgrade=True)
     yield database
     await database.close()
 
@@ -63,16 +72,16 @@ async def add_interaction(
     reaction_at: float | None = None, scorer: str | None = None,
 ) -> None:
     """One verdict row (and its vote / reply reaction) exactly as the bot stores them."""
-    import aiosqlite
+    from bot.store.db import Connection
 
-    assert isinstance(conn, aiosqlite.Connection)
+    assert isinstance(conn, Connection)
     arm = "active" if version == A else "candidate"
-    cur = await conn.execute(
+    iid = await conn.insert_id(
         "INSERT INTO interactions (created_at, chat_id, user_id, message_id, text, version_id,"
         " arm, bucket, label, probabilities, reply_latency_ms, scorer)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, 0, 'positive', '{}', ?, ?)",
-        (at, user, user, message_id, text_of(message_id), version, arm, latency_ms, scorer))
-    iid = cur.lastrowid
+        (float(at), user, user, message_id, text_of(message_id), version, arm, latency_ms,
+         scorer))
     if vote is not None:
         when = at + 30 if vote_at is None else vote_at
         await conn.execute(
@@ -525,8 +534,9 @@ async def test_an_admins_share_change_makes_the_engines_snapshot_stale(
 
 
 async def test_dry_run_and_cli_report_without_writing(
-        tmp_path: Path, db: Database, catalog: dict[str, PromptVersion],
+        tmp_path: Path, sqlite_db: Database, catalog: dict[str, PromptVersion],
         capsys: pytest.CaptureFixture[str]) -> None:
+    db = sqlite_db  # the command line reads the SQLite file by path
     await start_test(db, catalog)
     await fill(db, hours=30, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95)
     now = T0 + 30 * 3600 + 60
@@ -557,8 +567,9 @@ async def test_dry_run_and_cli_report_without_writing(
 
 
 async def test_the_cli_leaves_restarts_for_edited_files_to_the_bot(
-        tmp_path: Path, db: Database, catalog: dict[str, PromptVersion],
+        tmp_path: Path, sqlite_db: Database, catalog: dict[str, PromptVersion],
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    db = sqlite_db  # the command line reads the SQLite file by path
     import shutil
 
     await start_test(db, catalog)
@@ -596,8 +607,9 @@ async def test_the_cli_leaves_restarts_for_edited_files_to_the_bot(
 
 
 async def test_the_cli_refuses_to_apply_decisions_in_the_past(
-        db: Database, catalog: dict[str, PromptVersion],
+        sqlite_db: Database, catalog: dict[str, PromptVersion],
         capsys: pytest.CaptureFixture[str]) -> None:
+    db = sqlite_db  # the command line reads the SQLite file by path
     await start_test(db, catalog)
     await fill(db, hours=30, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95)
     await db.close()
@@ -616,8 +628,7 @@ async def test_the_cli_refuses_to_apply_decisions_in_the_past(
 
 async def _inject_audit_failure(db: Database) -> None:
     # A failure between the state write and the audit write of the same transaction.
-    await db.fetchall("CREATE TRIGGER fail_audit BEFORE INSERT ON audit_log"
-                      " BEGIN SELECT RAISE(ABORT, 'injected crash'); END")
+    await fail_audit_inserts(db)
 
 
 async def _state_rows(db: Database) -> list[tuple[object, ...]]:
@@ -638,7 +649,7 @@ async def test_a_crash_between_state_and_audit_leaves_one_consistent_state(
 
     await _inject_audit_failure(db)
     if change == "rollback":
-        with pytest.raises(sqlite3.IntegrityError, match="injected crash"):
+        with pytest.raises(DB_ERRORS, match="injected crash"):
             await versions.rollback(db, catalog, actor="admin:1", reason="/rollback")
     else:
         (out,) = await experiment.analyze(db, catalog, DecisionConfig(), now=now)
@@ -647,7 +658,7 @@ async def test_a_crash_between_state_and_audit_leaves_one_consistent_state(
         assert "NOT applied" in out.message
     assert await _state_rows(db) == rows and await audit_count(db) == count
 
-    await db.fetchall("DROP TRIGGER fail_audit")
+    await stop_failing_audit_inserts(db)
     if change == "rollback":
         await versions.rollback(db, catalog, actor="admin:1", reason="/rollback")
         expected_active = A

@@ -78,7 +78,7 @@ async def test_healthz_is_200_when_ready_and_503_naming_a_locked_database(
     # The probe committed its row (it went through to disk) and left no transaction open.
     probe = await db.fetchone("SELECT at FROM health_probe WHERE id = 1")
     assert probe is not None and probe[0] > 0
-    assert db._conn.in_transaction is False
+    assert db.sqlite_connection.in_transaction is False
 
 
 async def test_healthz_names_every_missing_part(db: Database, tmp_path: Path) -> None:
@@ -149,14 +149,14 @@ async def test_healthz_is_503_when_the_database_is_read_only(runtime: ModelRunti
                                                              db: Database) -> None:
     # SQLite answers a read-only database file and `query_only` with the same refusal
     # ("attempt to write a readonly database"); root ignores file modes, so use the pragma.
-    await db._conn.execute("PRAGMA query_only = ON")
+    await db.sqlite_connection.execute("PRAGMA query_only = ON")
     checker = HealthChecker(lambda: Components(runtime, db), probe_timeout_s=0.5)
     server = HealthServer(checker, host="127.0.0.1", port=0, metrics=Metrics())
     await server.start()
     try:
         status, body, _ = await _get(server.port, "/healthz")
         assert status == 503 and "database: not writable" in body, body
-        await db._conn.execute("PRAGMA query_only = OFF")
+        await db.sqlite_connection.execute("PRAGMA query_only = OFF")
         assert (await _get(server.port, "/healthz"))[:2] == (200, "ok\n")
     finally:
         await server.stop()

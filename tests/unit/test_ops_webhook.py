@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from bot.config import ConfigError, TelegramConfig
-from bot.telegram.webhook import parse_listen, plan_webhook
+from bot.telegram.webhook import (
+    ALLOWED_UPDATES,
+    check_polling,
+    parse_listen,
+    plan_webhook,
+    registration,
+    registration_problems,
+)
 
 
 @pytest.mark.parametrize(("value", "expected"), [
@@ -59,3 +66,70 @@ def test_a_self_hosted_bot_api_may_deliver_over_http_to_any_port() -> None:
     plan = plan_webhook(TelegramConfig(base_url="http://127.0.0.1:8081/bot",
                                        webhook_url="http://10.0.0.5:9999/hook"))
     assert (plan.url_path, plan.listen_port) == ("hook", 8443)
+
+
+# --- replicas: the registration is left to `loopbot webhook set` --------------------------
+
+
+def test_a_replica_that_does_not_register_keeps_the_shared_secret() -> None:
+    plan = plan_webhook(TelegramConfig(webhook_url="https://bot.example.com/tg",
+                                       webhook_secret="Shared_1", webhook_register=False))
+    assert (plan.register, plan.secret_token, plan.secret_generated) == (False, "Shared_1", False)
+    assert plan_webhook(TelegramConfig(webhook_url="https://bot.example.com/tg")).register
+
+
+def test_a_replica_without_the_shared_secret_is_refused_not_given_a_random_one() -> None:
+    with pytest.raises(ConfigError) as refused:
+        plan_webhook(TelegramConfig(webhook_url="https://bot.example.com/tg",
+                                    webhook_register=False))
+    message = str(refused.value)
+    assert "telegram.webhook_secret (LOOPBOT_WEBHOOK_SECRET) is empty" in message
+    assert "LOOPBOT_WEBHOOK_REGISTER" in message and "loopbot webhook set" in message
+
+
+def test_polling_is_refused_when_the_webhook_belongs_to_the_replicas() -> None:
+    check_polling(TelegramConfig())  # one bot, polling: fine
+    check_polling(TelegramConfig(webhook_url="https://x.example.com", webhook_register=False))
+    with pytest.raises(ConfigError, match="long polling would delete the webhook"):
+        check_polling(TelegramConfig(webhook_register=False))
+
+
+def test_webhook_set_needs_the_url_and_a_secret_it_does_not_make_up() -> None:
+    ok = registration(TelegramConfig(webhook_url=" https://bot.example.com/tg ",
+                                     webhook_secret="Shared_1"))
+    assert (ok.webhook_url, ok.secret_token) == ("https://bot.example.com/tg", "Shared_1")
+    with pytest.raises(ConfigError, match=r"LOOPBOT_WEBHOOK_URL"):
+        registration(TelegramConfig(webhook_secret="Shared_1"))
+    with pytest.raises(ConfigError, match=r"LOOPBOT_WEBHOOK_SECRET\) is empty"):
+        registration(TelegramConfig(webhook_url="https://bot.example.com/tg"))
+    with pytest.raises(ConfigError, match="only delivers to https"):
+        registration(TelegramConfig(webhook_url="http://bot.example.com/tg",
+                                    webhook_secret="Shared_1"))
+
+
+HOOK = "https://bot.example.com/tg"
+
+
+def test_a_matching_registration_has_no_problems() -> None:
+    assert registration_problems(HOOK, list(ALLOWED_UPDATES), HOOK) == []
+    # More types than handled are harmless (the handlers ignore them).
+    assert registration_problems(HOOK, [*ALLOWED_UPDATES, "poll"], HOOK) == []
+
+
+@pytest.mark.parametrize(("url", "updates", "expected"), [
+    ("", [], ["no webhook is registered"]),
+    ("https://old.example.com/tg", list(ALLOWED_UPDATES),
+     ["delivers updates to https://old.example.com/tg, not to telegram.webhook_url " + HOOK]),
+    (HOOK, ["message", "callback_query"], ["does not ask for message_reaction"]),
+    # Registered without allowed_updates: Telegram's default leaves reactions out.
+    (HOOK, [], ["does not ask for message_reaction updates (registered: Telegram default)"]),
+    ("https://old.example.com/tg", ["message"],
+     ["delivers updates to https://old.example.com/tg",
+      "does not ask for callback_query, message_reaction"]),
+])
+def test_registration_problems_are_named(url: str, updates: list[str],
+                                         expected: list[str]) -> None:
+    problems = registration_problems(url, updates, HOOK)
+    assert len(problems) == len(expected)
+    for problem, part in zip(problems, expected, strict=True):
+        assert part in problem

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from bot.store.db import Database, Migration, MigrationError, discover_migrations
+from bot.store.db import (
+    DB_ERRORS,
+    HEAD_VERSION,
+    Database,
+    Migration,
+    MigrationError,
+    discover_migrations,
+)
 from bot.store.queries import NewInteraction, Store
 
 SCORER = "gguf:qwen2.5-0.5b-instruct-q8_0.gguf:1a2b3c4d5e6f7a8b"
@@ -26,8 +33,9 @@ def _new(message_id: int, *, user: int = 7, chat: int = 100, version: str = "v1"
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(tmp_path / "t.db")
+async def store(db_url: str) -> AsyncIterator[Store]:
+    """Every test of the store runs on SQLite and on PostgreSQL."""
+    s = await Store.open(db_url, upgrade=True)
     yield s
     await s.close()
 
@@ -35,18 +43,21 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 async def test_fresh_database_is_migrated_in_wal_mode_with_foreign_keys(tmp_path: Path) -> None:
     db = await Database.open(tmp_path / "a.db")
     try:
-        assert await db.schema_version() == len(discover_migrations())
+        assert await db.schema_version() == HEAD_VERSION
         mode = await db.fetchone("PRAGMA journal_mode")
         fks = await db.fetchone("PRAGMA foreign_keys")
         assert mode is not None and mode[0] == "wal"
         assert fks is not None and fks[0] == 1
     finally:
         await db.close()
-    # Re-opening applies nothing twice.
+    # Re-opening applies nothing twice: the pre-Alembic files once each (the baseline's SQLite
+    # half), Alembic at its head.
     db = await Database.open(tmp_path / "a.db")
     rows = await db.fetchall("SELECT version FROM schema_version")
+    head = await db.fetchall("SELECT version_num FROM alembic_version")
     await db.close()
     assert [r[0] for r in rows] == list(range(1, len(discover_migrations()) + 1))
+    assert [r[0] for r in head] == [f"{HEAD_VERSION:03d}"]
 
 
 async def test_a_failing_migration_leaves_no_trace(tmp_path: Path) -> None:
@@ -54,11 +65,10 @@ async def test_a_failing_migration_leaves_no_trace(tmp_path: Path) -> None:
     bad = Migration(2, "two", "CREATE TABLE b (y INTEGER); INSERT INTO nowhere VALUES (1);")
     with pytest.raises(MigrationError, match="002_two"):
         await Database.open(tmp_path / "m.db", migrations=[good, bad])
+    # One transaction for the whole upgrade: nothing of it stays, not even the first file.
     with sqlite3.connect(tmp_path / "m.db") as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-        versions = conn.execute("SELECT version FROM schema_version").fetchall()
-    assert "a" in tables and "b" not in tables
-    assert versions == [(1,)]
+    assert "a" not in tables and "b" not in tables and "schema_version" not in tables
 
 
 async def test_a_database_newer_than_the_code_is_refused(tmp_path: Path) -> None:
@@ -88,7 +98,7 @@ async def test_migration_007_adds_the_scorer_to_an_existing_database(tmp_path: P
 
     store = await Store.open(path)
     try:
-        assert await store.db.schema_version() == 7
+        assert await store.db.schema_version() == HEAD_VERSION
         legacy = await store.find_interaction(100, 1)
         assert legacy is not None and legacy.scorer is None and legacy.label == "pos"
         new, _ = await store.insert_interaction(dataclasses.replace(_new(2), scorer=SCORER))
@@ -232,7 +242,7 @@ async def test_audit_log_is_append_only(store: Store) -> None:
         await conn.execute("INSERT INTO audit_log (at, actor, action, version_id, to_state)"
                            " VALUES (1, 'x', 'init', 'v1', 'active')")
     for sql in ("UPDATE audit_log SET actor = 'y'", "DELETE FROM audit_log"):
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        with pytest.raises(DB_ERRORS, match="append-only"):
             async with store.db.transaction() as conn:
                 await conn.execute(sql)
     rows = await store.db.fetchall("SELECT actor FROM audit_log")

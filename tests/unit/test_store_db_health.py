@@ -124,7 +124,7 @@ async def test_a_refused_commit_marks_the_database_until_a_write_succeeds(store:
     assert before <= failure.at <= time.time()
     assert not db.accepting_writes
     # Nothing half-done is left on the shared connection, and reads still work.
-    assert not db._conn.in_transaction
+    assert not db.sqlite_connection.in_transaction
     assert await store.find_interaction(100, 1) is None
     # Still marked: no write has succeeded since, however long ago the failure was.
     assert db.write_failure == failure
@@ -263,7 +263,7 @@ async def delete_a_text(path: Path, *, secure_delete_off: bool = False) -> None:
     try:
         if secure_delete_off:
             # What the connection does on a SQLite build that does not default to it.
-            await store.db._conn.execute("PRAGMA secure_delete=OFF")
+            await store.db.sqlite_connection.execute("PRAGMA secure_delete=OFF")
         setting = await store.db.fetchone("PRAGMA secure_delete")
         assert setting is not None and setting[0] == (0 if secure_delete_off else 1)
         for i in range(20):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import pytest
 
 from bot import versions
 from bot.prompts import PromptVersion, load_directory
-from bot.store.db import Database
+from bot.store.db import DB_ERRORS, Database
+from tests.dbfaults import fail_audit_inserts
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,8 +27,9 @@ def catalog() -> dict[str, PromptVersion]:
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = await Database.open(tmp_path / "v.db")
+async def db(db_url: str) -> AsyncIterator[Database]:
+    """Every version-state test runs on SQLite and on PostgreSQL."""
+    database = await Database.open(db_url, upgrade=True)
     yield database
     await database.close()
 
@@ -155,11 +156,8 @@ async def test_a_change_and_its_audit_entry_commit_together(
         db: Database, catalog: dict[str, PromptVersion], tmp_path: Path) -> None:
     await versions.ensure_active(db, catalog, "v1")
     # Make the audit insert fail inside the transaction: the state change must vanish too.
-    async with db.transaction() as conn:
-        await conn.execute(
-            "CREATE TRIGGER fail_audit BEFORE INSERT ON audit_log"
-            " BEGIN SELECT RAISE(ABORT, 'disk full'); END")
-    with pytest.raises(sqlite3.IntegrityError, match="disk full"):
+    await fail_audit_inserts(db, "disk full")
+    with pytest.raises(DB_ERRORS, match="disk full"):
         await versions.promote(db, "v2", catalog, actor="engine", reason="r")
     state = await versions.load(db)
     assert state.active is not None and state.active.version_id == "v1"
