@@ -29,18 +29,49 @@ The policy at each hourly look, in order (first match wins):
    the rules below say: the same prompt gives different probabilities on another model, so
    neither the accuracy nor the confidence bands of the two arms are comparable. Checked by
    :func:`decide` from the snapshot's per-arm scorer counts (the vectorised core has none);
+2c. who votes differs between the arms (the propensity guard, below) → **freeze**;
 3. 👎 share on chat replies clearly higher (always-valid e-process at α_reactions/K *and* a
    ratio ≥ ``reaction_max_ratio``) or mean latency ratio ≥ ``latency_max_ratio`` → **revert**;
-4. E⁻ ≥ K/alpha_revert_sequential → **revert**;
+4. E⁻ ≥ K/alpha_revert_sequential, once the test is ``min_revert_hours`` old → **revert**,
+   unless selection by correctness could fake it (then hold);
 5. no votes for ``stale_hours`` → hold (or retire at the horizon);
-6. E⁺ ≥ K/alpha_promote_sequential with ≥ ``min_votes_per_arm`` per arm and vote-rate
-   parity → **promote**;
-7. at the horizon (``max_duration_hours``): stratified Mantel–Haenszel z ≥ z(α_h/K) with
-   the same vote/parity conditions → **promote**; z ≤ −z(α_h'/K) → **revert**; otherwise
+6. E⁺ ≥ K/alpha_promote_sequential with enough observations per arm (adapted to traffic),
+   once the test is ``min_promotion_hours`` old, with persistence (the last
+   ``persistence_hours`` alone, and the hours after the first day alone, point the same
+   way) → **promote**, unless selection by correctness could fake it (then hold);
+7. at the horizon (``max_duration_hours``): stratified Mantel–Haenszel z ≥ the bar (a t
+   reference with few voters) with the same conditions → **promote**; z ≤ −bar' →
+   **revert**; a promotion or revert that selection could fake → **freeze**; otherwise
    **retire** (keep the active version);
-8. vote-rate parity broken → hold;
-9. the traffic plan allows a larger share → **ramp**;
-10. otherwise hold.
+8. the traffic plan allows a larger share → **ramp**;
+9. otherwise hold.
+
+The propensity guard. Votes are a self-selected sample: with θ = r_right / r_wrong (how
+much more readily users vote on a right verdict than on a wrong one), the odds of accuracy
+among voters are the true odds times θ, and the odds ratio between the arms among voters is
+the true one times θ_b / θ_a. It is unbiased when the arms' θ are equal, whatever they are;
+the guard is for when they are not, and it looks in two ways:
+
+- *vote rates*, per arm and confidence band (always-valid e-values: each band's own shift
+  and one shift common to all bands), with the accuracy points a rate ratio ρ could hide,
+  (1 − p)(1 − 1/ρ) summed over the bands. Rates that differ with e ≥ 1/alpha_parity by
+  enough to hide ``propensity_tolerance`` freeze the test; at a promotion or revert look
+  e ≥ 10 suffices (e ≥ 2 to hold a revert). This is a worst case: it does not know whether
+  the extra votes fall on right or wrong verdicts, so it also stops a candidate voted on
+  more for harmless reasons;
+- *selection by correctness* (:mod:`analytics.propensity`): θ per arm through the line
+  a_k / r_right + b_k / r_wrong = 1 over the bands (a_k, b_k: shares of served verdicts
+  voted right and voted wrong in band k), so the direction is known: θ_b > θ_a fakes a
+  promotion, θ_b < θ_a a revert. This is what sees a candidate whose overall vote rate is
+  unchanged. Its z holds the action it could fake (``propensity_hold_z``,
+  ``propensity_revert_hold_z``), freezes at ``propensity_freeze_z`` or at the horizon.
+
+What it cannot do: θ is identified only through how the bands' vote shares vary with their
+accuracy, so it is known about half as precisely as the odds ratio the accuracy evidence
+tests. A selection difference that fakes a 10-point gain (θ_b/θ_a = 2.25) is about 2.3
+standard errors from none after 48 h at 20 votes/h, when the accuracy evidence already
+crosses its bar; holding every promotion until the bands could tell would cost the power
+targets. The README gives the measured trade-off.
 
 Error budgets: ``alpha_promote`` (1%) is split between the e-process
 (``alpha_promote_sequential``, any number of looks, Ville's inequality) and the single
@@ -68,13 +99,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from scipy import stats as sps
-from scipy.special import logsumexp
 
+from analytics.propensity import propensity_contrast
 from analytics.sequential import (
     PsiPrior,
     binomial_shift_log_evalue,
     block_strata,
     fisher_e_process,
+    pooled_binomial_shift_log_evalue,
 )
 from analytics.stats import accuracy_summary, mh_from_sums, mh_terms
 
@@ -123,6 +155,10 @@ ACTIONS: tuple[Action, ...] = tuple(Action)
 HOLD, RAMP, PROMOTE, REVERT, RETIRE, FREEZE = range(6)
 # Vote rates that differ with an e-value ≥ this (and by enough) block an action.
 PARITY_EVIDENCE_AT_DECISION = 10.0
+# A revert is held on weaker vote-rate evidence still (e ≥ 2, with the same size bar): the
+# candidate's wrong verdicts voted more readily raises its vote rate only a little (10% at
+# 1.5× for a 20% error rate) while it fakes 7 points, and holding a revert only delays it.
+PARITY_EVIDENCE_AT_REVERT = 2.0
 # Never promote on fewer observations per arm than this, however slow the traffic.
 MIN_VOTES_FLOOR = 20
 # Actions that end the experiment (the simulation stops a run at the first one).
@@ -178,6 +214,15 @@ class DecisionConfig:
     # instead of promoting or reverting on accuracy among voters.
     alpha_parity: float = 0.001
     propensity_tolerance: float = 0.02
+    # Who votes, by correctness (analytics.propensity): z of log(θ_b / θ_a), where θ is an
+    # arm's r_right / r_wrong estimated through the confidence bands. At a look that would
+    # promote (revert), a z at or beyond the hold bar in the direction that fakes that action
+    # holds it; at the horizon, or beyond the freeze bar, the test freezes instead of deciding.
+    # Blocking an action can only lower the error rates; the bars set what it costs in
+    # tests where both arms' voters select alike (z is then standard normal).
+    propensity_hold_z: float = 2.5
+    propensity_revert_hold_z: float = 1.0
+    propensity_freeze_z: float = 4.0
     # Kept for configuration files that set it; the propensity guard replaced the ratio bar.
     parity_max_ratio: float = 1.5
     # Persistence: a promotion also needs the last persistence_hours alone to point the same
@@ -186,6 +231,19 @@ class DecisionConfig:
     # false-promotion rate.
     persistence_hours: float = 48.0
     persistence_min_z: float = 0.0
+    # Nor does any promotion come before the test has seen one full day-night cycle: an
+    # advantage of the first hours (novelty) is not yet distinguishable from a lasting one,
+    # and who uses the bot changes over the day. Another added condition.
+    min_promotion_hours: float = 24.0
+    # ... and the hours after that first day alone must point the same way with stratified
+    # z ≥ settled_min_z: E⁺ built up in the first day (novelty) is not acted on until the
+    # following hours confirm it. Also an added condition.
+    settled_min_z: float = 1.0
+    # A revert on accuracy among voters also waits for one day-night cycle (the guardrails
+    # on 👎 and latency do not): early on, the bands cannot yet tell a candidate whose wrong
+    # verdicts are voted more readily from a worse one. Longer waits trade speed for safety:
+    # see the README's measured figures.
+    min_revert_hours: float = 24.0
     # One text (the same or near-identical) counts at most this often per arm and UTC day,
     # however many people send it (applied when aggregating, like max_votes_per_user_day).
     max_observations_per_text_day: int = 3
@@ -244,8 +302,14 @@ class DecisionConfig:
             raise ValueError("max_observations_per_text_day must be >= 0 (0 = no cap)")
         if not 0.0 <= self.propensity_tolerance < 1.0:
             raise ValueError("propensity_tolerance must be in [0, 1)")
+        if min(self.propensity_hold_z, self.propensity_revert_hold_z) <= 0 or (
+                self.propensity_freeze_z < max(self.propensity_hold_z,
+                                               self.propensity_revert_hold_z)):
+            raise ValueError("propensity hold bars must be positive and at most the freeze bar")
         if self.persistence_hours < 0:
             raise ValueError("persistence_hours must be >= 0 (0 = off)")
+        if self.min_promotion_hours < 0 or self.min_revert_hours < 0:
+            raise ValueError("min_promotion_hours and min_revert_hours must be >= 0 (0 = off)")
         if not self.ramp_shares or len(self.ramp_shares) != len(self.ramp_after_hours):
             raise ValueError("ramp_shares and ramp_after_hours need the same, non-zero length")
         if any(not 0.0 < s < 1.0 for s in self.ramp_shares):
@@ -382,11 +446,16 @@ class Trajectory:
     # difference could hide (the propensity guard).
     log_e_parity: FloatArray
     propensity_bias: FloatArray
+    # log(θ_b / θ_a) (θ = r_right / r_wrong, analytics.propensity) and its z.
+    propensity_log_ratio: FloatArray
+    propensity_z: FloatArray
     log_e_reactions: FloatArray
     mh_z: FloatArray
     mh_odds_ratio: FloatArray
-    # Stratified z of the last ``persistence_hours`` alone (persistence before promotion).
+    # Stratified z of the last ``persistence_hours`` alone (persistence before promotion),
+    # and of the hours after the first ``min_promotion_hours`` alone.
     recent_z: FloatArray
+    settled_z: FloatArray
     # The horizon test's bars at each look (a t reference with few clusters).
     horizon_z: FloatArray
     horizon_revert_z: FloatArray
@@ -426,6 +495,17 @@ class _AccuracyEvidence:
     mh_z: FloatArray
     mh_odds_ratio: FloatArray
     recent_z: FloatArray
+    # Stratified z of the hours after the first min_promotion_hours alone.
+    settled_z: FloatArray
+
+
+def _settled_z(data: ExperimentArrays, after: float, deff: FloatArray) -> FloatArray:
+    """Stratified z of the hours from ``after`` on alone, at every look (0 before)."""
+    start = max(0, math.ceil(after))
+    terms = [np.where(np.arange(t.shape[1])[None, :] >= start, t, 0.0) for t in
+             mh_terms(data.votes_a, data.correct_a, data.votes_b, data.correct_b)]
+    settled = mh_from_sums(*(np.cumsum(t, axis=1) for t in terms))
+    return np.asarray(np.nan_to_num(settled.z) / np.sqrt(deff), dtype=np.float64)
 
 
 def _recent_z(data: ExperimentArrays, hours: float, deff: FloatArray) -> FloatArray:
@@ -458,7 +538,8 @@ def _accuracy_evidence(data: ExperimentArrays, config: DecisionConfig,
     # Slot 2t+1 is the evidence after everything closed at look t.
     return _AccuracyEvidence(both.log_e_plus[:, 1::2], both.log_e_minus[:, 1::2],
                              mh.z / np.sqrt(deff), mh.odds_ratio,
-                             _recent_z(data, config.persistence_hours, deff))
+                             _recent_z(data, config.persistence_hours, deff),
+                             _settled_z(data, config.min_promotion_hours, deff))
 
 
 _CUMULATIVE = ("votes_a", "correct_a", "votes_b", "correct_b", "served_a", "served_b", "up_a",
@@ -477,6 +558,8 @@ class _Guardrails:
     srm_expected_share: FloatArray
     log_e_parity: FloatArray
     propensity_bias: FloatArray
+    propensity_log_ratio: FloatArray
+    propensity_z: FloatArray
     vote_rate_ratio: FloatArray
     log_e_reactions: FloatArray
     reactions_a: FloatArray
@@ -500,11 +583,13 @@ def _propensity(data: ExperimentArrays,
     case where the overall rates happen to be equal.
 
     Evidence: given a band's (or an hour's) observations, the candidate's count is Binomial
-    with its share of the served verdicts when both arms are voted on alike; the two-sided
-    always-valid e-value of that, per band, averaged over the bands (an average of e-values
-    is an e-value). Size: a vote-rate ratio ρ ≥ 1 in a band whose voters are right with
-    probability p can shift accuracy among voters by up to (1 − p)(1 − 1/ρ); summed over
-    the bands with their share of the served verdicts.
+    with its share of the served verdicts when both arms are voted on alike. Two always-valid
+    two-sided e-processes of that: the product over the bands of each band's own (bands
+    shifted different ways) and one whose shift is common to the bands (one arm voted more
+    throughout: pooled, not diluted three ways); their average is an e-value. Size: a
+    vote-rate ratio ρ ≥ 1 in a band whose voters are right with probability p can shift
+    accuracy among voters by up to (1 − p)(1 − 1/ρ); summed over the bands with their share
+    of the served verdicts.
     """
     bands = data.bands
     if bands is None:
@@ -519,10 +604,15 @@ def _propensity(data: ExperimentArrays,
     total = (observed[0] + observed[1]).astype(np.float64)
     served_share = _ratio(served[1].astype(np.float64),
                           (served[0] + served[1]).astype(np.float64))
-    per_band = binomial_shift_log_evalue(
-        np.moveaxis(observed[1], -1, 1), np.moveaxis(total, -1, 1),
-        np.moveaxis(np.nan_to_num(served_share, nan=-1.0), -1, 1), config.srm_prior())
-    log_e = logsumexp(per_band, axis=1) - math.log(per_band.shape[1])
+    args = (np.moveaxis(observed[1], -1, 1), np.moveaxis(total, -1, 1),
+            np.moveaxis(np.nan_to_num(served_share, nan=-1.0), -1, 1), config.srm_prior())
+    # Product over the bands of each band's own e-process (bands shifted different ways,
+    # as when only the share voted among high- vs low-confidence verdicts differs), and one
+    # e-process with a shift common to all bands (one arm voted more throughout): the
+    # average of the two is an e-value.
+    separate = binomial_shift_log_evalue(*args).sum(axis=1)
+    common = pooled_binomial_shift_log_evalue(*args)
+    log_e = np.logaddexp(separate, common) - math.log(2.0)
     cum = [np.cumsum(np.asarray(x, dtype=np.float64), axis=1)
            for x in (*served, *observed, *correct)]
     s_a, s_b, o_a, o_b, x_a, x_b = cum
@@ -534,11 +624,35 @@ def _propensity(data: ExperimentArrays,
     return np.asarray(log_e, dtype=np.float64), np.asarray(bias, dtype=np.float64)
 
 
+def _selection_contrast(data: ExperimentArrays) -> tuple[FloatArray, FloatArray]:
+    """log(θ_b / θ_a) and its z at every look, from the cumulative band counts
+    (:mod:`analytics.propensity`); zeros (no evidence) without bands.
+
+    Why in addition to the vote rates: equal vote rates do not mean equal selection. A
+    candidate whose right verdicts are voted a little more and whose wrong ones much less can
+    keep the overall rate, and even each band's rate close to the active's, while its
+    accuracy among voters rises by ten points. θ = r_right / r_wrong is what biases the odds
+    ratio, and the bands identify it (the line a_k / r_right + b_k / r_wrong = 1); its
+    direction says which decision the bias would fake."""
+    bands = data.bands
+    if bands is None:
+        zeros = np.zeros(data.shape)
+        return zeros, zeros.copy()
+
+    def cum(x: IntArray) -> FloatArray:
+        return np.cumsum(np.asarray(x, dtype=np.float64), axis=1)
+
+    arm_a = (cum(bands.served_a), cum(bands.correct_a), cum(bands.observed_a - bands.correct_a))
+    arm_b = (cum(bands.served_b), cum(bands.correct_b), cum(bands.observed_b - bands.correct_b))
+    return propensity_contrast(arm_a, arm_b)
+
+
 def _guardrails(data: ExperimentArrays, config: DecisionConfig) -> _Guardrails:
     new_users = data.new_users_a + data.new_users_b
     log_e_srm = binomial_shift_log_evalue(data.new_users_b, new_users, data.planned_share,
                                           config.srm_prior())
     log_e_parity, propensity_bias = _propensity(data, config)
+    log_ratio, ratio_z = _selection_contrast(data)
     # 👎 on chat replies: "success" = a 👎; E⁺ is evidence that the candidate draws more.
     r_blocks = block_strata(
         {"na": data.up_a + data.down_a, "xa": data.down_a, "nb": data.up_b + data.down_b,
@@ -566,7 +680,7 @@ def _guardrails(data: ExperimentArrays, config: DecisionConfig) -> _Guardrails:
                             cum_new)
     observed_share = _ratio(np.cumsum(data.new_users_b, axis=1).astype(np.float64), cum_new)
     return _Guardrails(cum, log_e_srm, observed_share, expected_share, log_e_parity,
-                       propensity_bias, _ratio(rate_b, rate_a),
+                       propensity_bias, log_ratio, ratio_z, _ratio(rate_b, rate_a),
                        reactions_plus, react_a, react_b,
                        np.asarray(down_ratio, dtype=np.float64), latency_ratio)
 
@@ -649,25 +763,46 @@ def _choose(data: ExperimentArrays, config: DecisionConfig, k: int, acc: _Accura
         (np.nan_to_num(guard.latency_ratio, nan=0.0) >= config.latency_max_ratio)
         & (np.minimum(cum["latency_n_a"], cum["latency_n_b"]) >= config.min_latency_samples)
     )
-    worse = acc.log_e_minus >= math.log(k / config.alpha_revert_sequential)
+    # Nor is E⁻ acted on before min_revert_hours (the guardrails act at once): the
+    # confidence bands need time to show whether who votes differs (see fakes_down).
+    worse = (acc.log_e_minus >= math.log(k / config.alpha_revert_sequential)) & (
+        elapsed >= config.min_revert_hours)
     enough = np.minimum(cum["votes_a"], cum["votes_b"]) >= bars.min_votes
-    lasting = acc.recent_z >= config.persistence_min_z
-    better = acc.log_e_plus >= math.log(k / config.alpha_promote_sequential)
+    lasting = (acc.recent_z >= config.persistence_min_z) & (
+        acc.settled_z >= config.settled_min_z)
+    # Before a full day-night cycle E⁺ is not acted on (it still accumulates): collecting.
+    better = (acc.log_e_plus >= math.log(k / config.alpha_promote_sequential)) & (
+        elapsed >= config.min_promotion_hours)
     horizon_better = config.horizon_fallback & (acc.mh_z >= bars.horizon_z)
     horizon_worse = config.horizon_fallback & (acc.mh_z <= -bars.horizon_revert_z)
     ramp = target > share_now + 1e-9
+    # Selection by correctness (θ_b / θ_a) pointing the way that would fake the decision at
+    # hand: hold it; at the horizon, or far beyond, freeze rather than decide.
+    fakes_up = guard.propensity_z >= config.propensity_hold_z
+    fakes_down = (guard.propensity_z <= -config.propensity_revert_hold_z) | (
+        (guard.log_e_parity >= math.log(PARITY_EVIDENCE_AT_REVERT))
+        & (guard.propensity_bias >= config.propensity_tolerance))
+    promoting = enough & lasting & (better | (at_horizon & horizon_better))
+    reverting = worse | (at_horizon & horizon_worse)
+    selection_freeze = (
+        (promoting & (guard.propensity_z >= config.propensity_freeze_z))
+        | (reverting & (guard.propensity_z <= -config.propensity_freeze_z))
+        | (at_horizon & ((promoting & fakes_up) | (reverting & fakes_down))))
 
     # np.select takes the first true condition: the list order is the policy order.
     policy = [
         (srm, FREEZE, Rule.SRM),
         (propensity, FREEZE, Rule.PROPENSITY),
         (suspect & (worse | (better & enough)), FREEZE, Rule.PROPENSITY),
+        (selection_freeze, FREEZE, Rule.PROPENSITY),
         (reactions_bad, REVERT, Rule.REACTIONS),
         (latency_bad, REVERT, Rule.LATENCY),
-        (worse, REVERT, Rule.EVIDENCE_WORSE),
+        (worse & ~fakes_down, REVERT, Rule.EVIDENCE_WORSE),
+        (worse, HOLD, Rule.PARITY),
         (stale & at_horizon, RETIRE, Rule.HORIZON_RETIRE),
         (stale, HOLD, Rule.STALE),
-        (better & enough & lasting, PROMOTE, Rule.EVIDENCE_BETTER),
+        (better & enough & lasting & ~fakes_up, PROMOTE, Rule.EVIDENCE_BETTER),
+        (better & enough & lasting, HOLD, Rule.PARITY),
         (at_horizon & horizon_better & enough & lasting, PROMOTE, Rule.HORIZON_MH),
         (at_horizon & horizon_worse, REVERT, Rule.HORIZON_WORSE),
         (at_horizon, RETIRE, Rule.HORIZON_RETIRE),
@@ -720,10 +855,13 @@ def evaluate(
         srm_expected_share=guard.srm_expected_share,
         log_e_parity=guard.log_e_parity,
         propensity_bias=guard.propensity_bias,
+        propensity_log_ratio=guard.propensity_log_ratio,
+        propensity_z=guard.propensity_z,
         log_e_reactions=guard.log_e_reactions,
         mh_z=acc.mh_z,
         mh_odds_ratio=acc.mh_odds_ratio,
         recent_z=acc.recent_z,
+        settled_z=acc.settled_z,
         horizon_z=bars.horizon_z,
         horizon_revert_z=bars.horizon_revert_z,
         min_votes=bars.min_votes,
@@ -850,6 +988,12 @@ class DecisionStats:
     # Accuracy points the difference in who votes could hide; the recent window's z.
     propensity_bias: float
     recent_z: float
+    # z of the hours after the first day alone (persistence before promotion).
+    settled_z: float
+    # θ_b / θ_a (θ = how much more readily an arm's right verdicts are voted on than its
+    # wrong ones, estimated through the confidence bands) and its z (0: not determined).
+    propensity_ratio: float
+    propensity_z: float
     min_votes: float
     reactions_e: float
     down_ratio: float | None
@@ -1048,6 +1192,9 @@ def _stats_at(traj: Trajectory, i: int, snapshot: ExperimentSnapshot, config: De
         vote_rate_ratio=nan_none(traj.vote_rate_ratio),
         propensity_bias=float(traj.propensity_bias[0, i]),
         recent_z=float(traj.recent_z[0, i]),
+        settled_z=float(traj.settled_z[0, i]),
+        propensity_ratio=math.exp(float(traj.propensity_log_ratio[0, i])),
+        propensity_z=float(traj.propensity_z[0, i]),
         min_votes=float(traj.min_votes[0, i]),
         reactions_e=e_value(traj.log_e_reactions),
         down_ratio=nan_none(traj.down_ratio),

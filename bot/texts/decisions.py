@@ -99,17 +99,32 @@ def _stale(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> s
     return f"no votes for {cfg.stale_hours:g} h: holding until data flows again"
 
 
+def _selection(snap: ExperimentSnapshot, s: DecisionStats) -> str:
+    """How differently the arms' voters pick right and wrong verdicts, with the numbers."""
+    ratio = s.vote_rate_ratio if s.vote_rate_ratio is not None else math.nan
+    if s.propensity_ratio >= 1:
+        way, factor = "right", s.propensity_ratio
+    else:
+        way, factor = "wrong", 1.0 / max(s.propensity_ratio, 1e-300)
+    rates = (f"{snap.candidate_id}'s verdicts are voted on {ratio:.2f}× as often as "
+             f"{snap.active_id}'s (e-value {s.parity_e:.3g}, enough to fake or hide "
+             f"{100 * s.propensity_bias:.1f} accuracy points among voters)")
+    if s.propensity_z == 0:  # the confidence bands do not determine it (yet)
+        return rates
+    other = "wrong" if way == "right" else "right"
+    return (f"{rates}; how much more readily its {way} verdicts are voted on than its "
+            f"{other} ones is {factor:.2f}× what it is for {snap.active_id} "
+            f"(z = {abs(s.propensity_z):.2f}, from the confidence bands)")
+
+
 def _parity(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
-    return (f"vote rates differ between arms ({s.vote_rate_ratio or math.nan:.2f}×, e-value "
-            f"{s.parity_e:.3g}): holding, accuracy may be biased by who votes")
+    return (f"vote behaviour may differ between the arms: {_selection(snap, s)}; holding: "
+            f"the accuracy among voters may be biased by who votes; {_arms(snap, s)}")
 
 
 def _propensity(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
-    ratio = s.vote_rate_ratio if s.vote_rate_ratio is not None else math.nan
-    return (f"vote behaviour differs between the arms: {snap.candidate_id}'s verdicts are "
-            f"voted on {ratio:.2f}× as often as {snap.active_id}'s (e-value {s.parity_e:.3g}), "
-            f"enough to fake or hide {100 * s.propensity_bias:.1f} accuracy points among "
-            f"voters; {_arms(snap, s)}; test frozen: neither promoted nor reverted")
+    return (f"vote behaviour differs between the arms: {_selection(snap, s)}; "
+            f"{_arms(snap, s)}; test frozen: neither promoted nor reverted")
 
 
 def _scored_by(version_id: str, scorers: Mapping[str, int]) -> str:
@@ -140,8 +155,10 @@ def _scorer_mismatch(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionS
 
 def _fading(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
     return (f"E⁺ = {_e(s.e_plus)} clears the bar, but the last {cfg.persistence_hours:g} h "
-            f"alone do not point the same way (z = {s.recent_z:.2f}): holding, the advantage "
-            f"may have faded; {_arms(snap, s)}")
+            f"alone (z = {s.recent_z:.2f}, needs {cfg.persistence_min_z:g}) or the hours "
+            f"after the first {cfg.min_promotion_hours:g} h alone (z = {s.settled_z:.2f}, "
+            f"needs {cfg.settled_min_z:g}) do not point the same way clearly enough: holding, "
+            f"the advantage may have faded; {_arms(snap, s)}")
 
 
 def _min_votes(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:

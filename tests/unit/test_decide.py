@@ -99,11 +99,11 @@ def test_config_rejects_nonsense(change: dict[str, typing.Any]) -> None:
 
 
 def test_promotes_a_clearly_better_candidate() -> None:
-    d_snap = snap(hours_of(24, correct_a=7, correct_b=9))
+    d_snap = snap(hours_of(36, correct_a=7, correct_b=9))
     d = decide(d_snap, CFG)
     assert d.action == "promote" and d.rule == "evidence_better"
     assert stats_of(d).e_plus >= stats_of(d).promote_threshold == pytest.approx(1 / 0.003)
-    assert stats_of(d).votes_a == stats_of(d).votes_b == 240
+    assert stats_of(d).votes_a == stats_of(d).votes_b == 360
     assert "E⁺" in why(d, d_snap) and "90.0%" in why(d, d_snap) and "70.0%" in why(d, d_snap)
 
 
@@ -115,7 +115,7 @@ def test_reverts_a_clearly_worse_candidate() -> None:
 
 
 def test_promotion_waits_for_minimum_votes_per_arm() -> None:
-    d_snap = snap(hours_of(12, correct_a=1, correct_b=5, votes=5))
+    d_snap = snap(hours_of(36, correct_a=0, correct_b=2, votes=2))
     d = decide(d_snap, CFG)
     assert stats_of(d).e_plus >= stats_of(d).promote_threshold
     assert d.action == "hold" and d.rule == "min_votes"
@@ -160,8 +160,8 @@ REMOTE = "remote:qwen2.5-7b-instruct"
 def test_arms_scored_by_different_scorers_are_held_not_decided(
         scorers_a: dict[str, int], scorers_b: dict[str, int], correct_a: int, correct_b: int,
         otherwise: str) -> None:
-    rows = hours_of(24, correct_a=correct_a, correct_b=correct_b)
-    same = decide(snap(rows, scorers_a={GGUF: 240}, scorers_b={GGUF: 240}), CFG)
+    rows = hours_of(36, correct_a=correct_a, correct_b=correct_b)
+    same = decide(snap(rows, scorers_a={GGUF: 360}, scorers_b={GGUF: 360}), CFG)
     assert same.action == otherwise  # one scorer in both arms: decided as before
     assert same == decide(snap(rows), CFG)
     d_snap = snap(rows, scorers_a=scorers_a, scorers_b=scorers_b)
@@ -339,6 +339,98 @@ def test_describe_next_step() -> None:
     hold = decide(hold_snap, CFG)
     text = next_step(hold, why(hold, hold_snap))
     assert text.startswith("holding: promotion needs") and "h until the horizon" in text
-    promote_snap = snap(hours_of(24, correct_a=7, correct_b=9))
+    promote_snap = snap(hours_of(36, correct_a=7, correct_b=9))
     promote = decide(promote_snap, CFG)
     assert next_step(promote, why(promote, promote_snap)).startswith("promote:")
+
+
+def test_no_promotion_before_a_full_day_nor_on_the_first_day_alone() -> None:
+    # Overwhelming evidence in the first 23 h: still collecting (a novelty cannot be told
+    # from a lasting gain before a day-night cycle has passed) ...
+    early = decide(snap(hours_of(23, correct_a=6, correct_b=10)), CFG)
+    assert stats_of(early).e_plus >= stats_of(early).promote_threshold
+    assert early.action == "hold" and early.rule == "collecting"
+    # ... and when the gain is gone after the first day, E⁺ built up then is not acted on.
+    rows = hours_of(36, correct_a=6, correct_b=lambda h: 10 if h < 24 else 6)
+    d_snap = snap(rows)
+    faded = decide(d_snap, CFG)
+    assert stats_of(faded).e_plus >= stats_of(faded).promote_threshold
+    assert faded.action == "hold" and faded.rule == "fading"
+    assert stats_of(faded).settled_z == 0.0
+    assert "after the first 24 h alone (z = 0.00, needs 1)" in why(faded, d_snap)
+    # The same gain lasting: promoted.
+    assert decide(snap(hours_of(36, correct_a=6, correct_b=10)), CFG).action == "promote"
+
+
+def banded_hours(n_hours: int, arm_a: tuple[tuple[int, int, int], ...],
+                 arm_b: tuple[tuple[int, int, int], ...]) -> list[HourStats]:
+    """Hours with confidence bands: per arm and band (served, correct, wrong observations)."""
+    rows = []
+    for h in range(n_hours):
+        fields: dict[str, typing.Any] = {}
+        for suffix, arm in (("a", arm_a), ("b", arm_b)):
+            served = tuple(n for n, _, _ in arm)
+            correct = tuple(c for _, c, _ in arm)
+            observed = tuple(c + w for _, c, w in arm)
+            fields |= {f"served_{suffix}": sum(served), f"votes_{suffix}": sum(observed),
+                       f"correct_{suffix}": sum(correct), f"bands_served_{suffix}": served,
+                       f"bands_observed_{suffix}": observed,
+                       f"bands_correct_{suffix}": correct,
+                       f"new_users_{suffix}": 10, f"latency_n_{suffix}": 30,
+                       f"latency_sum_{suffix}": 36.0}
+        rows.append(HourStats(hour=START + h, planned_share=0.5, **fields))
+    return rows
+
+
+# 80 verdicts per band and hour, right in 50%, 75% and 87.5% of them; every verdict is voted
+# on with probability 0.5 (30 and 10 votes, ...). The candidate's voters: right verdicts
+# 0.6, wrong ones 0.3 (θ twice the active's), so its accuracy among voters is 12 points
+# higher with the same accuracy and nearly the same vote rate.
+EVEN = ((80, 20, 20), (80, 30, 10), (80, 35, 5))
+PICKY = ((80, 24, 12), (80, 36, 6), (80, 42, 3))
+# Truly better, voters alike: right in 60%, 85% and 95%, every verdict voted on at 0.5.
+BETTER = ((80, 24, 16), (80, 34, 6), (80, 38, 2))
+
+
+def test_selection_by_correctness_holds_then_freezes_and_says_how_much() -> None:
+    # Blind the vote-rate guard: only the selection estimate through the bands can tell.
+    cfg = dataclasses.replace(CFG, propensity_tolerance=0.99, propensity_freeze_z=50.0)
+    d_snap = snap(banded_hours(36, EVEN, PICKY))
+    held = decide(d_snap, cfg)
+    s = stats_of(held)
+    assert s.accuracy_a is not None and s.accuracy_b is not None
+    assert s.e_plus >= s.promote_threshold and s.accuracy_b - s.accuracy_a > 0.1
+    assert held.action == "hold" and held.rule == "parity"
+    assert s.propensity_ratio == pytest.approx(2.0, rel=0.05) and s.propensity_z >= 2.5
+    text = reason(held, d_snap, cfg)
+    assert "holding" in text and f"{s.propensity_ratio:.2f}× what it is for v1-zh" in text
+    assert "right verdicts are voted on than its wrong ones" in text
+    # At the horizon the test freezes rather than promote on biased evidence.
+    end = decide(snap(banded_hours(168, EVEN, PICKY)), cfg)
+    assert end.action == "freeze" and end.rule == "propensity"
+    # Far beyond the freeze bar it freezes at once, with the numbers in the admins' text.
+    d_snap = snap(banded_hours(36, EVEN, PICKY))
+    frozen = decide(d_snap, dataclasses.replace(cfg, propensity_freeze_z=4.0))
+    assert frozen.action == "freeze" and frozen.rule == "propensity"
+    text = reason(frozen, d_snap, cfg)
+    ratio = stats_of(frozen).propensity_ratio
+    assert "vote behaviour differs" in text and f"ones is {ratio:.2f}×" in text
+    assert f"z = {stats_of(frozen).propensity_z:.2f}" in text
+
+
+def test_selection_by_correctness_holds_a_revert_it_could_fake() -> None:
+    cfg = dataclasses.replace(CFG, propensity_tolerance=0.99, propensity_freeze_z=50.0)
+    d_snap = snap(banded_hours(36, PICKY, EVEN))
+    held = decide(d_snap, cfg)
+    assert stats_of(held).e_minus >= stats_of(held).revert_threshold
+    assert held.action == "hold" and held.rule == "parity"
+    ratio = stats_of(held).propensity_ratio
+    assert ratio == pytest.approx(0.5, rel=0.05)
+    text = reason(held, d_snap, cfg)
+    assert f"wrong verdicts are voted on than its right ones is {1 / ratio:.2f}×" in text
+
+
+def test_a_real_gain_with_voters_alike_is_promoted() -> None:
+    d = decide(snap(banded_hours(36, EVEN, BETTER)), CFG)
+    assert d.action == "promote" and d.rule == "evidence_better"
+    assert abs(stats_of(d).propensity_z) < 1

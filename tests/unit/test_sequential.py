@@ -15,6 +15,7 @@ from analytics.sequential import (
     fisher_e_process,
     fisher_log_lr,
     fisher_log_lr_expectation,
+    pooled_binomial_shift_log_evalue,
 )
 
 
@@ -95,6 +96,27 @@ def test_binomial_shift_detects_broken_split_and_not_a_fair_one() -> None:
     assert np.all(broken[:, -1] >= math.log(1000))
     # Undefined nulls (no trials, p outside (0, 1)) contribute nothing.
     assert binomial_shift_log_evalue([[3]], [[0 + 3]], [[1.0]], PsiPrior())[0, 0] == 0.0
+
+
+def test_pooled_binomial_shift_is_an_e_process_that_pools_a_common_shift() -> None:
+    rng = np.random.default_rng(12)
+    null_p = np.array([0.3, 0.5, 0.7])[None, :, None]
+    trials = rng.poisson(10, (2000, 3, 80))
+    fair = pooled_binomial_shift_log_evalue(rng.binomial(trials, null_p), trials, null_p,
+                                            PsiPrior(0.2))
+    # Ville: P(ever E ≥ 20) ≤ 1/20 under the null, each group at its own share.
+    assert (fair.max(axis=1) >= math.log(20)).mean() <= 0.05
+    # One group alone is the ordinary test.
+    one = trials[:3, :1]
+    hits = rng.binomial(one, 0.5)
+    assert np.allclose(pooled_binomial_shift_log_evalue(hits, one, 0.5, PsiPrior(0.2)),
+                       binomial_shift_log_evalue(hits[:, 0], one[:, 0], 0.5, PsiPrior(0.2)))
+    # A shift common to the groups: pooled beats the product of the groups' own e-values.
+    shifted_p = 1 / (1 + (1 - null_p) / null_p * math.exp(-0.3))
+    x = rng.binomial(trials[:200], shifted_p)
+    pooled = pooled_binomial_shift_log_evalue(x, trials[:200], null_p, PsiPrior(0.2))
+    separate = binomial_shift_log_evalue(x, trials[:200], null_p, PsiPrior(0.2)).sum(axis=1)
+    assert np.median(pooled[:, -1] - separate[:, -1]) > 0
 
 
 def test_blocks_are_hours_when_votes_are_plentiful() -> None:
