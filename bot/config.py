@@ -430,6 +430,11 @@ def load_settings(
     for dotted, value in (overrides or {}).items():
         if value is not None:
             set_dotted(settings, dotted, value)
+    if (overrides or {}).get("storage.db") is not None and (
+            overrides or {}).get("storage.url") is None:
+        # A --db flag names the database for this command, over a storage.url from the
+        # file or LOOPBOT_DATABASE_URL (a flag is the most specific layer).
+        settings.storage.url = ""
     _validate(settings)
     return settings
 
@@ -462,9 +467,15 @@ def replica_name(settings: Settings) -> str:
     tg = settings.telegram
     if tg.replica_id:
         return tg.replica_id
-    if tg.replicas <= 1:
-        return "local"
+    if tg.replicas <= 1 and not database_target(settings).startswith("postgres"):
+        return "local"  # one process owns a SQLite file: a restart resumes its own claims
+    # A shared database may have other processes on it: never a name they could share.
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def shared_database(settings: Settings) -> bool:
+    """Whether other bot processes may use this database (PostgreSQL, or replicas)."""
+    return settings.telegram.replicas > 1 or database_target(settings).startswith("postgres")
 
 
 def database_target(settings: Settings) -> str:

@@ -145,7 +145,7 @@ class _Session:
                 "probabilities": {k: round(v, 4) for k, v in verdict.probabilities.items()},
                 "verdict_ms": round(verdict.latency_ms, 1),
                 "reply": reply.text if reply else None,
-            }, ensure_ascii=False), file=self.stdout)
+            }), file=self.stdout)  # ASCII escapes: no character in a reply can end the line
         elif self.interactive:
             print(f"{label.emoji} {label.display} · {verdict.confidence:.0%}  "
                   f"[{classified.version.id}, {verdict.latency_ms:.0f} ms]", file=self.stdout)

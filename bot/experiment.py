@@ -552,7 +552,7 @@ async def _write_decision(
     b = snap.candidate_id
     if decision.restart:
         entries = await versions.restart_edited(db, prompt_versions, actor=actor, now=now,
-                                                stats=stats)
+                                                stats=stats, notes=notes)
         return next((e for e in entries if e.version_id == b), None)
     if decision.action is Action.PROMOTE:
         return await versions.promote(db, b, prompt_versions, actor=actor, reason=reason,
@@ -626,7 +626,7 @@ async def analyze(
                                         dry_run=not apply, error=error, skipped=skipped),
             error=error, snapshot=snap, raw_votes=exp.raw_votes,
             observations=exp.observations,
-            noted=entry is not None and bool(notify) and not decision.restart,
+            noted=entry is not None and bool(notify),
         ))
 
 
@@ -634,6 +634,8 @@ def _admin_notes(snap: ExperimentSnapshot, decision: Decision, reason: str,
                  admins: Sequence[int]) -> versions.Notes:
     """The admins' message about an applied decision, as outbox rows of its transaction."""
     def notes(entry: versions.AuditEntry) -> list[Outgoing]:
+        if entry.version_id != snap.candidate_id:
+            return []  # a restart also writes the active version's entry: one message
         text = texts.admin_message(snap, decision, reason, applied=True, dry_run=False,
                                    error=None, skipped=None)
         return [Outgoing(chat_id=admin, chat_type="private", kind="notice",

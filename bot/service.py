@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import io
 import logging
 import time
@@ -21,10 +22,10 @@ from typing import Any, Protocol
 
 from analytics.stats import AccuracySummary, accuracy_summary
 from bot import routing, versions
-from bot.config import Settings
+from bot.config import Settings, prompts_directory
 from bot.llm.types import ChatTurn, InferenceError, Reply, Verdict
 from bot.metrics_sink import NO_METRICS, MetricsSink
-from bot.prompts import PromptVersion
+from bot.prompts import PromptError, PromptVersion, load_directory
 from bot.store.outbox import Outgoing
 from bot.store.queries import (
     AccuracyPoint,
@@ -38,6 +39,9 @@ from bot.store.queries import (
 )
 
 log = logging.getLogger(__name__)
+# How often a process looks in the prompts folder for a version the database serves and it
+# has not loaded (another replica's mined candidate).
+RELOAD_EVERY_S = 10.0
 
 
 class InferenceRuntime(Protocol):
@@ -208,6 +212,7 @@ class Service:
         # A message is stored seconds after it arrives (the model runs in between); /forget
         # waits for the user's messages in flight so that none is stored after it.
         self.user_locks = UserLocks()
+        self._last_reload = -RELOAD_EVERY_S
 
     async def start(self) -> str:
         """Make sure a version is active and tests of edited prompt files restart; returns
@@ -230,10 +235,42 @@ class Service:
     def warn_once(self, user_id: int) -> bool:
         return self.rate_limiter.warn_once(user_id)
 
+    async def load_new_versions(self, state: versions.Deployment | None = None) -> list[str]:
+        """Load the prompt files of versions the database serves but this process has not
+        loaded: with several replicas, a candidate mined (or approved) on one of them is
+        written to the shared prompts folder and put in canary there; the others load it
+        here, before they route or decide. Returns the ids loaded."""
+        state = state or await versions.load(self.store.db)
+        wanted = [s.version_id for s in (state.active, *state.candidates) if s is not None]
+        missing = [v for v in wanted if v not in self.versions]
+        now = time.monotonic()
+        if not missing or now - self._last_reload < RELOAD_EVERY_S:
+            return []
+        self._last_reload = now
+        try:
+            found = await asyncio.to_thread(load_directory,
+                                            prompts_directory(self.settings))
+        except PromptError as exc:
+            log.warning("prompt folder unreadable while looking for %s: %s", missing, exc)
+            return []
+        loaded = [v for v in missing if v in found]
+        for version_id in loaded:
+            self.versions[version_id] = found[version_id]
+            log.info("prompt version %s loaded (served by the database, written by another "
+                     "replica)", version_id)
+        return loaded
+
     async def route(self, user_id: int) -> tuple[PromptVersion, routing.Assignment]:
         state = await versions.load(self.store.db)
         if state.active is None:
             raise versions.VersionError("no active version: the service was not started")
+        if state.active.version_id not in self.versions or any(
+                c.version_id not in self.versions for c in state.candidates):
+            await self.load_new_versions(state)
+        if state.active.version_id not in self.versions:
+            raise versions.VersionError(
+                f"the active version '{state.active.version_id}' has no file in "
+                f"{self.settings.prompts.directory}/")
         # A candidate whose file disappeared cannot be served; its users get the active one.
         slices = [s for s in state.slices() if s.version_id in self.versions]
         assignment = routing.assign(user_id, self.settings.prompts.routing_salt,
@@ -313,6 +350,10 @@ class Service:
             history += [ChatTurn("user", user_text), ChatTurn("assistant", bot_text)]
         reply = await self.runtime.reply(version, history, interaction.text or "",
                                          on_text=on_text, session=str(interaction.chat_id))
+        if "\x00" in reply.text:
+            # A model can emit U+0000; PostgreSQL cannot store it (the store writes U+FFFD):
+            # what is sent and what is stored must be the same text.
+            reply = dataclasses.replace(reply, text=reply.text.replace("\x00", "\ufffd"))
         self.metrics.observe_reply(reply.latency_ms / 1000.0)
         await self.store.set_reply(interaction.id, reply.text, reply.latency_ms,
                                    outgoing(reply) if outgoing else ())
@@ -333,11 +374,16 @@ class Service:
         async with self.user_locks.hold(user_id):
             if await self._forgotten(user_id, update_id):
                 return VoteOutcome(False, reason="sent before the voter's /forget")
-            return await self._record_vote(interaction_id, user_id, choice, chat_id=chat_id,
-                                           message_id=message_id)
+            try:
+                return await self._record_vote(interaction_id, user_id, choice,
+                                               chat_id=chat_id, message_id=message_id,
+                                               update_id=update_id)
+            except UserForgotten:  # forgotten meanwhile, e.g. on another replica
+                return VoteOutcome(False, reason="sent before the voter's /forget")
 
     async def _record_vote(self, interaction_id: int, user_id: int, choice: str | int, *,
-                           chat_id: int, message_id: int) -> VoteOutcome:
+                           chat_id: int, message_id: int,
+                           update_id: int | None) -> VoteOutcome:
         interaction = await self.store.get_interaction(interaction_id)
         if interaction is None:
             return VoteOutcome(False, reason="unknown interaction")
@@ -369,7 +415,7 @@ class Service:
         else:
             return VoteOutcome(False, interaction, reason=f"invalid choice {choice!r}")
         vote = await self.store.upsert_vote(interaction.id, user_id, correct=correct,
-                                            correct_label=correct_label)
+                                            correct_label=correct_label, update_id=update_id)
         if vote is None:
             return VoteOutcome(False, reason="the verdict was deleted (/forget)")
         if vote.created_at == vote.updated_at:  # a first vote, not a changed one
@@ -388,10 +434,15 @@ class Service:
             found = await self.store.find_bot_message(chat_id, message_id)
             if found is None:
                 return None
-            return await self._record_reaction(found, chat_id, message_id, user_id, emojis)
+            try:
+                return await self._record_reaction(found, chat_id, message_id, user_id, emojis,
+                                                   update_id=update_id)
+            except UserForgotten:  # forgotten meanwhile, e.g. on another replica
+                return None
 
     async def _record_reaction(self, found: tuple[int, str], chat_id: int, message_id: int,
-                               user_id: int, emojis: Sequence[str]) -> Reaction | None:
+                               user_id: int, emojis: Sequence[str], *,
+                               update_id: int | None = None) -> Reaction | None:
         interaction_id, kind = found
         interaction = await self.store.get_interaction(interaction_id)
         if interaction is None or (interaction.chat_type == "private"
@@ -400,7 +451,7 @@ class Service:
         tg = self.settings.telegram
         polarity = reaction_polarity(emojis, tg.positive_reactions, tg.negative_reactions)
         return await self.store.set_reaction(interaction_id, chat_id, message_id, user_id, kind,
-                                             emojis, polarity)
+                                             emojis, polarity, update_id=update_id)
 
     # --- reports ------------------------------------------------------------------------
 

@@ -334,6 +334,7 @@ async def retire(
 async def restart_edited(
     db: Database, versions: Mapping[str, PromptVersion], *, actor: str = "system",
     now: float | None = None, stats: Mapping[str, Any] | None = None,
+    notes: Notes | None = None,
 ) -> list[AuditEntry]:
     """A version whose YAML changed since its test began is a different treatment: its test
     starts again from now (votes before ``since`` no longer count for it). For the active
@@ -349,13 +350,13 @@ async def restart_edited(
                 "", edited.content_hash):
             await _write(conn, active.version_id, ACTIVE, content_hash=edited.content_hash,
                          since=at, replaced=active.replaced)
-            entries.append(await _audit(
+            entries.append(await _note(conn, notes, await _audit(
                 conn, at=at, actor=actor, action="restart", version_id=active.version_id,
                 from_state=ACTIVE, to_state=ACTIVE, previous_active=active.replaced,
                 reason=f"active prompt file changed ({active.content_hash} -> "
                        f"{edited.content_hash}): running tests start again",
                 stats=stats,
-            ))
+            )))
         for cand in current.candidates:
             version = versions.get(cand.version_id)
             if version is None or version.content_hash == cand.content_hash:
@@ -363,11 +364,11 @@ async def restart_edited(
             await _write(conn, cand.version_id, CANDIDATE, share=cand.share,
                          range_start=cand.range_start, content_hash=version.content_hash,
                          since=at, replaced=cand.replaced)
-            entries.append(await _audit(
+            entries.append(await _note(conn, notes, await _audit(
                 conn, at=at, actor=actor, action="restart", version_id=cand.version_id,
                 from_state=CANDIDATE, to_state=CANDIDATE, share=cand.share,
                 previous_active=current.active.version_id if current.active else None,
                 reason=f"prompt file changed ({cand.content_hash} -> {version.content_hash})",
                 stats=stats,
-            ))
+            )))
     return entries

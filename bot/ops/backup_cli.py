@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                     "(PostgreSQL: pg_dump). Without --out the copy goes to "
                     "storage.backup_dir as loopbot-<UTC time>.db (.pgdump) and only the "
                     "newest storage.backup_keep are kept.")
-    _common(backup)
+    database_arguments(backup)
     backup.add_argument("--out", help="write the copy to this file (no rotation)")
     backup.set_defaults(func=run_backup)
 
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "restore", help="put a backup in place of the database (stop the bot first)",
         description="Replace the database with a backup. Stop the bot first. The current "
                     "database is kept beside it as <db>.before-restore-<time>.")
-    _common(restore)
+    database_arguments(restore)
     restore.add_argument("backup", help="backup file made by `loopbot backup`")
     restore.add_argument("--new", action="store_true",
                          help="create the database if there is none at the target yet (by "
@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     restore.set_defaults(func=run_restore)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def database_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config and --db, as every command that opens the database takes them."""
     # SUPPRESS: do not overwrite the top-level `loopbot --config FILE` with None.
     parser.add_argument("--config", default=argparse.SUPPRESS,
                         help="YAML config file (default: $LOOPBOT_CONFIG)")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from bot.ops.backup_cli import database_arguments
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     db = subparsers.add_parser(
@@ -20,20 +22,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     commands = db.add_subparsers(dest="db_command", required=True)
     upgrade = commands.add_parser(
         "upgrade", help="migrate the schema to this release (once, before the replicas)")
-    _common(upgrade)
+    database_arguments(upgrade)
     upgrade.set_defaults(func=run_upgrade)
     current = commands.add_parser("current", help="print the schema version and this "
                                   "release's")
-    _common(current)
+    database_arguments(current)
     current.set_defaults(func=run_current)
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    # SUPPRESS: do not overwrite the top-level `loopbot --config FILE` with None.
-    parser.add_argument("--config", default=argparse.SUPPRESS,
-                        help="YAML config file (default: $LOOPBOT_CONFIG)")
-    parser.add_argument("--db", help="SQLite file or database URL (default: storage.url, "
-                                     "else storage.db)")
 
 
 def _target(args: argparse.Namespace) -> str:

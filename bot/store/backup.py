@@ -227,7 +227,8 @@ async def backup_database(src_db_path: str | Path, out_path: str | Path) -> Back
     connection are not held up (WAL lets the bot commit while the copy is read)."""
     if is_postgresql(src_db_path):
         result = await asyncio.to_thread(_pg_dump_sync, str(src_db_path), out_path)
-        db = await Database.open(str(src_db_path), upgrade=False)
+        # Any schema: a backup is what one takes before `loopbot db upgrade`.
+        db = await Database.open(str(src_db_path), check_schema=False)
         try:
             result = BackupResult(result.path, result.size_bytes, result.seconds,
                                   await db.schema_version())

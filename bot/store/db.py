@@ -31,11 +31,11 @@ import hashlib
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 from sqlalchemy import event, text
@@ -58,6 +58,7 @@ from bot.store.schema import discover_migrations as discover_migrations
 from bot.store.schema import split_sqlite_script as split_sqlite_script
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # SQLite's primary result codes (the low byte of an extended code) that mean the database
@@ -252,6 +253,20 @@ def lock_key(name: str) -> int:
                           signed=True)
 
 
+async def finish_first(operation: Awaitable[T]) -> T:
+    """Await ``operation`` even if the caller is cancelled meanwhile, then pass the
+    cancellation on. SQLite's one connection must not be cut off in the middle of a
+    statement: SQLAlchemy would throw the connection away (with SQLite's write lock still
+    held on it) and silently open another."""
+    task = asyncio.ensure_future(operation)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with suppress(BaseException):
+            await task
+        raise
+
+
 class Connection:
     """A connection inside one transaction (or one read) of :class:`Database`."""
 
@@ -262,7 +277,8 @@ class Connection:
 
     async def execute(self, sql: str, params: Params = ()) -> Cursor:
         try:
-            result = await self._conn.execute(_statement(sql, params), _bind(params))
+            run = self._conn.execute(_statement(sql, params), _bind(params))
+            result = await (finish_first(run) if self.dialect == SQLITE else run)
         except DBAPIError as exc:
             raise self._database._unwrap(exc) from exc
         rows = ([Record(tuple(r), {k: i for i, k in enumerate(result.keys())})
@@ -274,7 +290,8 @@ class Connection:
         if not batch:
             return
         try:
-            await self._conn.execute(_statement(sql, batch[0]), [_bind(p) for p in batch])
+            run = self._conn.execute(_statement(sql, batch[0]), [_bind(p) for p in batch])
+            await (finish_first(run) if self.dialect == SQLITE else run)
         except DBAPIError as exc:
             raise self._database._unwrap(exc) from exc
 
@@ -371,6 +388,12 @@ class Database:
             # Transactions are explicit (BEGIN IMMEDIATE ... COMMIT): the driver must never
             # open or commit one behind our back.
             dbapi_connection.isolation_level = None
+            # Per connection, not per file: set on every connection the pool ever makes, so
+            # ON DELETE CASCADE (/forget) and the busy wait hold on a replacement too.
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
 
         try:
             sa = await engine.connect()
@@ -384,8 +407,6 @@ class Database:
             db._conn = raw.driver_connection
             assert db._conn is not None
             db._conn.row_factory = aiosqlite.Row
-            await db._conn.execute("PRAGMA foreign_keys=ON")
-            await db._conn.execute("PRAGMA busy_timeout=30000")
             try:
                 # The first statements read the header: a file that is no database fails here.
                 await db._conn.execute("PRAGMA journal_mode=WAL")
@@ -426,7 +447,9 @@ class Database:
                 await db.require_current()
             else:
                 await db.schema_version()  # connects: a wrong URL fails here, clearly
-        except (DBAPIError, OSError) as exc:
+        except (DBAPIError, OSError, TypeError) as exc:
+            # TypeError: asyncpg refusing a URL option it does not know (libpq's
+            # ?sslmode=...; asyncpg spells it ?ssl=...).
             await engine.dispose()
             reason = exc.orig if isinstance(exc, DBAPIError) else exc
             raise MigrationError(f"cannot use the database at {target.display}: "
@@ -449,7 +472,7 @@ class Database:
         async with self._lock:
             if self._conn is not None:
                 # Folds the WAL back into the main file so a copied .db is complete on its own.
-                with suppress(sqlite3.Error):
+                with suppress(sqlite3.Error, ValueError):
                     await self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             await self._dispose()
 
@@ -553,7 +576,7 @@ class Database:
                     yield Connection(self._sa, self.dialect, self)
                 finally:
                     # Ends SQLAlchemy's notional transaction; nothing is open in SQLite.
-                    await self._sa.rollback()
+                    await finish_first(self._sa.rollback())
             return
         async with self._engine.connect() as sa:
             yield Connection(sa, self.dialect, self)
@@ -580,10 +603,10 @@ class Database:
     @asynccontextmanager
     async def _sqlite_transaction(self, sa: AsyncConnection) -> AsyncIterator[Connection]:
         try:
-            await sa.exec_driver_sql("BEGIN IMMEDIATE")
+            await finish_first(sa.exec_driver_sql("BEGIN IMMEDIATE"))
         except DBAPIError as exc:
             self._note_refusal(_orig(exc))
-            await sa.rollback()
+            await self._rollback(sa)
             raise _orig(exc) from exc
         try:
             yield Connection(sa, self.dialect, self)
@@ -593,7 +616,7 @@ class Database:
                 self._note_refusal(exc)
             raise
         try:
-            await sa.commit()
+            await finish_first(sa.commit())
         except DBAPIError as exc:
             # A failed COMMIT may leave the transaction open: never leave it to the next
             # caller, whose BEGIN would fail ("cannot start a transaction within ...").
@@ -607,10 +630,20 @@ class Database:
         # SQLITE_BUSY, ...); the driver's rollback then does nothing, and a failure of it
         # must not hide the error that matters.
         try:
-            await sa.rollback()
+            await finish_first(sa.rollback())
         except DBAPIError as exc:
             log.error("database: rollback failed: %s", _orig(exc))
             self._note_refusal(_orig(exc))
+        # After a failed COMMIT SQLAlchemy considers its transaction over and its rollback
+        # does nothing, while SQLite's is still open: end it on the driver itself, or the
+        # next caller would read uncommitted rows or fail to BEGIN.
+        driver = self._conn
+        if driver is not None and driver.in_transaction:
+            try:
+                await finish_first(driver.rollback())
+            except sqlite3.Error as exc:
+                log.error("database: rollback failed: %s", exc)
+                self._note_refusal(exc)
 
     def _unwrap(self, exc: DBAPIError) -> BaseException:
         """SQLite's own errors surface unwrapped (the codes say what failed); PostgreSQL's

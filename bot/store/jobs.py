@@ -66,6 +66,15 @@ class JobRuns:
                 (lease.period, at, lease.name, lease.holder, lease.period))
         return cur.rowcount == 1
 
+    async def renew(self, lease: Lease, *, lease_s: float, now: float | None = None) -> bool:
+        """Extend a lease still held (a long job); False when it was lost."""
+        at = time.time() if now is None else now
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE job_runs SET lease_until = ? WHERE name = ? AND holder = ?"
+                " AND period = ?", (at + lease_s, lease.name, lease.holder, lease.period))
+        return cur.rowcount == 1
+
     async def release(self, lease: Lease) -> None:
         """Give the period back unfinished (the job failed): the next firing, here or on
         another replica, tries it again."""

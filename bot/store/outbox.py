@@ -95,6 +95,10 @@ class Outbox:
             return None, float(row[8])
         return _item(row), None
 
+    async def is_pending(self, item_id: int) -> bool:
+        row = await self.db.fetchone("SELECT state FROM outbox WHERE id = ?", (item_id,))
+        return row is not None and row[0] == "pending"
+
     async def backlog(self, chat_id: int) -> int:
         row = await self.db.fetchone(
             "SELECT COUNT(*) FROM outbox WHERE state = 'pending' AND chat_id = ?", (chat_id,))
@@ -107,8 +111,9 @@ class Outbox:
         at = time.time() if now is None else now
         async with self.db.transaction() as conn:
             await conn.execute(
+                # Only a pending row: a row another replica already settled stays as it is.
                 "UPDATE outbox SET state = 'sent', sent_at = ?, sent_message_id = ?,"
-                " payload = '{}', attempts = attempts + 1 WHERE id = ?",
+                " payload = '{}', attempts = attempts + 1 WHERE id = ? AND state = 'pending'",
                 (at, message_id, item.id))
             if item.interaction_id is None or item.kind == "notice":
                 return
@@ -129,14 +134,15 @@ class Outbox:
         async with self.db.transaction() as conn:
             await conn.execute(
                 "UPDATE outbox SET attempts = attempts + 1, not_before = ?, error = ?"
-                " WHERE id = ?", (time.time() + delay_s, error[:500], item.id))
+                " WHERE id = ? AND state = 'pending'",
+                (time.time() + delay_s, error[:500], item.id))
 
     async def fail(self, item: OutboxItem, error: str, *, state: str = "failed") -> None:
         """Telegram refused for good (blocked, chat gone, bad request): never retried."""
         async with self.db.transaction() as conn:
             await conn.execute(
                 "UPDATE outbox SET state = ?, attempts = attempts + 1, payload = '{}',"
-                " error = ?, sent_at = ? WHERE id = ?",
+                " error = ?, sent_at = ? WHERE id = ? AND state = 'pending'",
                 (state, error[:500], time.time(), item.id))
 
     async def lease_chat(self, chat_id: int, owner: str, *, lease_s: float,

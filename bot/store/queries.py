@@ -12,12 +12,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.errors import LoopbotError
-from bot.store.db import Database, Record, fetchone
+from bot.store.db import Connection, Database, Record, fetchone
 from bot.store.outbox import Outgoing, add_outgoing
 
 
 class UserForgotten(LoopbotError, RuntimeError):
-    """The message was sent before its author's /forget: it is not stored."""
+    """The message, vote or reaction was sent before its author's /forget: not stored."""
+
+
+async def _hold_unforgotten(conn: Connection, user_id: int, update_id: int | None) -> None:
+    """Take the user's lock for this transaction (/forget takes it too) and refuse what the
+    user sent before asking to be forgotten: checked here, in the storing transaction, so a
+    /forget handled meanwhile by another replica wins whichever commits first."""
+    await conn.lock(user_lock(user_id))
+    if update_id is not None and await fetchone(
+            conn, "SELECT 1 FROM forgotten_users WHERE user_id = ? AND before_update_id > ?",
+            (user_id, update_id)) is not None:
+        raise UserForgotten(
+            f"user {user_id} asked to be forgotten after sending update {update_id}")
 
 
 def user_lock(user_id: int) -> str:
@@ -198,12 +210,7 @@ class Store:
         async with self.db.transaction() as conn:
             # Under the user's lock, like /forget (another replica may be forgetting this
             # user right now): a message sent before the user's /forget is not stored.
-            await conn.lock(user_lock(new.user_id))
-            if new.update_id is not None and await fetchone(
-                    conn, "SELECT 1 FROM forgotten_users WHERE user_id = ?"
-                    " AND before_update_id > ?", (new.user_id, new.update_id)) is not None:
-                raise UserForgotten(f"user {new.user_id} asked to be forgotten after sending "
-                                    f"update {new.update_id}")
+            await _hold_unforgotten(conn, new.user_id, new.update_id)
             cur = await conn.execute(
                 "INSERT INTO interactions (created_at, update_id, chat_id, chat_type, user_id,"
                 " message_id, text, version_id, content_hash, arm, bucket, label,"
@@ -294,7 +301,8 @@ class Store:
     # --- votes and reactions ------------------------------------------------------------
 
     async def upsert_vote(self, interaction_id: int, user_id: int, *, correct: bool,
-                          correct_label: str | None, now: float | None = None) -> Vote | None:
+                          correct_label: str | None, now: float | None = None,
+                          update_id: int | None = None) -> Vote | None:
         """One vote per user and interaction; a second click changes it. Returns the stored
         row after the transaction committed, or None when the interaction is gone."""
         at = time.time() if now is None else now
@@ -304,7 +312,7 @@ class Store:
                  " AND votes.correct = 0 THEN votes.correct_label"
                  " ELSE excluded.correct_label END")
         async with self.db.transaction() as conn:
-            await conn.lock(user_lock(user_id))  # ordered with the voter's /forget
+            await _hold_unforgotten(conn, user_id, update_id)  # vs the voter's /forget
             if await fetchone(conn, "SELECT 1 FROM interactions WHERE id = ?",
                               (interaction_id,)) is None:
                 return None  # deleted meanwhile (/forget of its author)
@@ -342,7 +350,8 @@ class Store:
 
     async def set_reaction(self, interaction_id: int, chat_id: int, message_id: int,
                            user_id: int, kind: str, emojis: Sequence[str], polarity: int,
-                           now: float | None = None) -> Reaction | None:
+                           now: float | None = None,
+                           update_id: int | None = None) -> Reaction | None:
         """The user's current reactions on one bot message (``None`` once all are removed).
 
         The first non-neutral polarity and its time stay as given (``first_polarity``,
@@ -350,6 +359,7 @@ class Store:
         rewrite an hour it already closed. A removed reaction keeps its row, emptied."""
         at = time.time() if now is None else now
         async with self.db.transaction() as conn:
+            await _hold_unforgotten(conn, user_id, update_id)  # vs the user's /forget
             await conn.execute(
                 "INSERT INTO reactions (interaction_id, chat_id, message_id, user_id, kind,"
                 " emojis, polarity, updated_at, first_polarity, first_at)"

@@ -24,7 +24,7 @@ from telegram.ext import (
 )
 
 from bot import texts
-from bot.config import Settings, prompts_directory, replica_name
+from bot.config import Settings, prompts_directory, replica_name, shared_database
 from bot.ops.metrics import METRICS
 from bot.prompts import load_directory
 from bot.service import Service
@@ -83,7 +83,7 @@ async def post_init(app: BotApp) -> None:
         limits=SendLimits.for_replicas(replicas, settings.telegram.group_backlog_limit),
         owner=replica_name(settings),
         # Replicas look for rows the others stored (a job's admin notes) or left behind.
-        sweep_s=SENDER_SWEEP_S if replicas > 1 else None)
+        sweep_s=SENDER_SWEEP_S if shared_database(settings) else None)
     try:
         await app.bot.set_my_commands([BotCommand(c, d) for c, d in USER_COMMANDS])
     except Exception as exc:  # a cosmetic call must not keep the bot from starting

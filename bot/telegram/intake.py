@@ -25,6 +25,7 @@ from telegram.warnings import PTBUserWarning
 
 from bot.store.inbox import Inbox
 from bot.telegram.handlers.messages import apologise_for_restart
+from bot.telegram.periodic import every
 from bot.telegram.sender import retry_seconds
 from bot.telegram.state import BotApp
 
@@ -73,12 +74,7 @@ class Dispatcher:
     async def resume_forever(self, every_s: float) -> None:
         """Replicas: now and then take up updates whose claim ran out (a replica that died
         while handling them), and any stored while nobody handed them over."""
-        while not self._stopping:
-            await asyncio.sleep(every_s)
-            try:
-                await self.resume()
-            except Exception as exc:  # the database is down: health says so; try again
-                log.warning("inbox sweep failed: %s", exc)
+        await every(every_s, self.resume, what="inbox sweep", stopped=lambda: self._stopping)
 
     async def resume(self) -> int:
         """Hand over what an earlier run stored but did not finish; returns how many."""

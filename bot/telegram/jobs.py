@@ -19,9 +19,11 @@ minutes of its lease running out, not an interval later.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bot.config import replica_name
@@ -51,6 +53,9 @@ class JobData:
     # The holds the admins were already told about (Outcome.tell_once): told once, not hourly.
     told: set[tuple[str, str, int, str]] = field(default_factory=set)
     lease_s: float = LEASE_S
+    # (period, candidate) whose failed write the admins were told about: a period retried
+    # every tick after a failure is told once, not every minute.
+    failures_told: set[tuple[int, str]] = field(default_factory=set)
 
 
 async def schedule_experiment_job(application: BotApp, *, first: float = FIRST_RUN_S,
@@ -94,8 +99,10 @@ async def run_experiment_job(context: BotContext) -> None:
         return  # done this period, or another replica is running it
     admins = list(state.settings.telegram.admins)
     try:
-        outcomes = await analyze(service.store.db, service.versions, state.settings.experiment,
-                                 now=now, notify=admins)
+        async with _renewing(runs, lease, data.lease_s):
+            await service.load_new_versions()  # a candidate another replica put in canary
+            outcomes = await analyze(service.store.db, service.versions,
+                                     state.settings.experiment, now=now, notify=admins)
     except Exception:
         log.exception("experiment analysis failed; retried at the next run")
         await _give_back(runs, lease)
@@ -119,6 +126,11 @@ async def run_experiment_job(context: BotContext) -> None:
             if once in data.told:
                 continue
             data.told.add(once)
+        if outcome.error is not None:
+            failure = (period, outcome.candidate_id)
+            if failure in data.failures_told:
+                continue
+            data.failures_told.add(failure)
         for admin in state.settings.telegram.admins:
             try:
                 await context.bot.send_message(admin, outcome.message)
@@ -131,6 +143,29 @@ async def run_experiment_job(context: BotContext) -> None:
             await runs.finish(lease)
     except Exception as exc:
         log.error("experiment analysis: cannot record the period as done: %s", exc)
+
+
+@contextlib.asynccontextmanager
+async def _renewing(runs: JobRuns, lease: Lease, lease_s: float) -> AsyncIterator[None]:
+    """Keep the lease while the job runs (an improvement cycle's offline check can take
+    longer than a lease): renewed every third of it, so only a dead holder's lease runs out."""
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            try:
+                if not await runs.renew(lease, lease_s=lease_s):
+                    log.warning("%s: lease of period %d lost while running", lease.name,
+                                lease.period)
+                    return
+            except Exception as exc:
+                log.warning("%s: cannot renew the lease: %s", lease.name, exc)
+
+    task = asyncio.create_task(renew(), name=f"loopbot-lease-{lease.name}")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def _give_back(runs: JobRuns, lease: Lease) -> None:
@@ -176,7 +211,8 @@ async def once_per_period(context: BotContext, name: str, period_s: float,
         return
     done = False
     try:
-        done = await work()
+        async with _renewing(runs, lease, lease_s):
+            done = await work()
     finally:
         try:
             await (runs.finish(lease) if done else runs.release(lease))
@@ -185,28 +221,28 @@ async def once_per_period(context: BotContext, name: str, period_s: float,
 
 
 async def run_learning_job(context: BotContext) -> None:
-    async def cycle() -> bool:
-        await _learning_cycle(context)
-        return True
-
-    await once_per_period(context, LEARNING_JOB, LEARNING_INTERVAL_S, cycle)
+    await once_per_period(context, LEARNING_JOB, LEARNING_INTERVAL_S,
+                          lambda: _learning_cycle(context))
 
 
-async def _learning_cycle(context: BotContext) -> None:
+async def _learning_cycle(context: BotContext) -> bool:
+    """One improvement cycle; False when it failed (the period is given back)."""
     state = context.state
     service = state.service
     if service is None:
-        return
+        return False
     try:
+        await service.load_new_versions()
         result = await learning.run_cycle(service)
     except Exception:
         log.exception("improvement loop failed; retried at the next run")
-        return
+        return False
     text = learning_texts.cycle_text(result)
     if text is None:
-        return
+        return True
     for admin in state.settings.telegram.admins:
         try:
             await context.bot.send_message(admin, text)
         except Exception as exc:
             log.warning("could not message admin %s: %s", admin, exc)
+    return True

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from telegram.error import TelegramError
 
-from bot.config import replica_name
+from bot.config import replica_name, shared_database
 from bot.store.inbox import Inbox
 from bot.telegram.intake import Dispatcher, Poller
 from bot.telegram.state import BotApp
@@ -85,7 +85,7 @@ async def _serve(app: BotApp, start: Callable[[BotApp], Awaitable[None]],
         dispatcher = Dispatcher(app, inbox)
         await state.require_sender().start()
         await dispatcher.resume()
-        if state.settings.telegram.replicas > 1:
+        if shared_database(state.settings):
             sweep = asyncio.create_task(dispatcher.resume_forever(RESUME_EVERY_S),
                                         name="loopbot-inbox-sweep")
         if webhook is None:

@@ -39,6 +39,7 @@ from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, Tele
 
 from bot.ops.metrics import Metrics
 from bot.store.outbox import GROUP_TYPES, Outbox, OutboxItem
+from bot.telegram.periodic import every
 
 log = logging.getLogger(__name__)
 
@@ -177,22 +178,15 @@ class Sender:
         """Deliver what an earlier run left in the outbox."""
         await self.sweep()
         if self.sweep_s is not None:
-            self._sweeper = asyncio.create_task(self._sweep_forever(self.sweep_s),
-                                                name="loopbot-send-sweep")
+            self._sweeper = asyncio.create_task(
+                every(self.sweep_s, self.sweep, what="outbox sweep",
+                      stopped=lambda: self._closing), name="loopbot-send-sweep")
 
     async def sweep(self) -> None:
         """Start a worker for every chat with pending rows (one whose lease another replica
         holds stops at once)."""
         for chat_id, chat_type in await self.outbox.chats_pending():
             self.notify(chat_id, chat_type)
-
-    async def _sweep_forever(self, every_s: float) -> None:
-        while not self._closing:
-            await asyncio.sleep(every_s)
-            try:
-                await self.sweep()
-            except Exception as exc:  # the database is down: health says so; try again
-                log.warning("outbox sweep failed: %s", exc)
 
     async def stop(self) -> None:
         """Stop at once: what is not sent stays pending in the outbox for the next start."""
@@ -288,7 +282,10 @@ class Sender:
                     leased_until = time.time() + self.chat_lease_s
                 item, retry_at = await self.outbox.next_for(chat_id)
                 if item is not None:
-                    await self._deliver(item)
+                    if not await self._deliver(item):
+                        leased_until = 0.0
+                        return  # another replica took the chat over
+                    leased_until = time.time() + self.chat_lease_s
                     continue
                 if await self._show_preview(chat_id):
                     continue
@@ -315,8 +312,17 @@ class Sender:
     def _group(self, chat_id: int, chat_type: str | None = None) -> bool:
         return (chat_type or self._chat_types.get(chat_id, "private")) in GROUP_TYPES
 
-    async def _deliver(self, item: OutboxItem) -> None:
+    async def _deliver(self, item: OutboxItem) -> bool:
+        """Send one row; False when the chat's lease was lost while waiting for the limit
+        (another replica sends it now, and the row is left to it)."""
         await self._limiter.acquire(item.chat_id, self._group(item.chat_id, item.chat_type))
+        # The wait for a group's limit can outlast the lease: renew it now, so no other
+        # replica can take the chat (and send this row again) until well after the send.
+        if not await self.outbox.lease_chat(item.chat_id, self.owner,
+                                            lease_s=self.chat_lease_s):
+            return False
+        if not await self.outbox.is_pending(item.id):
+            return True  # another replica sent it while this one waited (and lost the chat)
         try:
             message_id = await self._send(item)
         except RetryAfter as exc:
@@ -335,6 +341,7 @@ class Sender:
             await self.outbox.mark_sent(item, message_id)
             if self.metrics is not None:
                 self.metrics.count_sent(item.kind)
+        return True
 
     async def _failed(self, item: OutboxItem, error: str) -> None:
         log.warning("message %s to chat %s refused for good: %s", item.id, item.chat_id, error)

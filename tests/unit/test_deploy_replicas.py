@@ -66,10 +66,15 @@ def test_every_replica_is_a_valid_replica_configuration(compose: dict[str, Any])
         plan = plan_webhook(tg)  # what `loopbot run` does first in webhook mode
         assert (plan.register, plan.listen_host, plan.listen_port) == (False, "0.0.0.0", 8443)
         assert svc["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
-    # One set of settings for all: a replica cannot differ from the one `webhook set` used.
-    envs = [svc["environment"] for svc in compose["services"].values()
+    # One set of settings for all: a replica cannot differ from the one `webhook set` used;
+    # only each replica's name differs (it resumes its own claims after a restart).
+    envs = [{k: v for k, v in svc["environment"].items() if k != "LOOPBOT_REPLICA_ID"}
+            for svc in compose["services"].values()
             if "LOOPBOT_WEBHOOK_SECRET" in svc.get("environment", {})]
     assert len(envs) == 4 and all(env == envs[0] for env in envs)  # bot1, bot2, migrate, webhook
+    names = [compose["services"][name]["environment"]["LOOPBOT_REPLICA_ID"]
+             for name in sorted(_replicas(compose))]
+    assert names == sorted(set(names)) == ["bot1", "bot2"]
 
 
 def test_the_one_shot_services(compose: dict[str, Any]) -> None:

@@ -198,3 +198,34 @@ async def test_each_interaction_records_the_scorer_of_its_verdict(
     reply_only = await service.classify(
         IncomingText(chat_id=10, user_id=5, message_id=2, text="t"), with_verdict=False)
     assert reply_only is not None and reply_only.interaction.scorer is None
+
+
+async def test_a_version_another_replica_put_in_canary_is_loaded_from_the_shared_folder(
+        tmp_path: Path) -> None:
+    import dataclasses
+    import shutil
+
+    from bot import versions
+    from bot.config import load_settings
+    from bot.prompts import write_version
+
+    folder = tmp_path / "prompts"
+    shutil.copytree(ROOT / "prompts", folder)
+    settings = load_settings(None, env={}, overrides={"prompts.directory": str(folder)})
+    store = await Store.open(tmp_path / "r.db")
+    runtime = ModelRuntime(tmp_path / "unused.gguf", settings.model)
+    this = Service(settings, store, runtime, load_directory(folder))
+    try:
+        await this.start()
+        # Replica B mines a candidate: writes its file and puts it in canary for everyone.
+        base = this.versions["v1-zh"]
+        mined = dataclasses.replace(base, id="v1-zh-mined", parent="v1-zh")
+        write_version(mined, folder)
+        catalog = {**this.versions, mined.id: load_directory(folder)[mined.id]}
+        await versions.set_canary(store.db, mined.id, 100.0, catalog, actor="loop",
+                                  reason="mined on replica B")
+        assert mined.id not in this.versions
+        version, assignment = await this.route(12345)
+        assert (version.id, assignment.version_id) == (mined.id, mined.id)
+    finally:
+        await store.close()

@@ -270,3 +270,20 @@ async def test_a_nul_character_in_a_text_is_stored_on_both_databases(store: Stor
     assert await store.set_reply(made.id, "a\x00b", 1.0)
     got = await store.get_interaction(made.id)
     assert got is not None and got.reply_text == "a\ufffdb"
+
+
+async def test_a_vote_or_reaction_stored_after_the_voters_forget_is_refused(
+        store: Store) -> None:
+    made, _ = await store.insert_interaction(_new(1, user=5, update_id=1))
+    await store.forget_user(BIG_USER, before_update_id=20)
+    # Sent before the /forget (update 19), stored after it by another replica: refused.
+    with pytest.raises(UserForgotten):
+        await store.upsert_vote(made.id, BIG_USER, correct=True, correct_label=None,
+                                update_id=19)
+    with pytest.raises(UserForgotten):
+        await store.set_reaction(made.id, SUPERGROUP, 77, BIG_USER, "reply", ["👍"], 1,
+                                 update_id=19)
+    assert await store.votes_for(made.id) == [] and await store.reactions_for(made.id) == []
+    # Sent after it: new data.
+    assert await store.upsert_vote(made.id, BIG_USER, correct=True, correct_label=None,
+                                   update_id=21) is not None
