@@ -47,6 +47,18 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 STATS_MESSAGE = "reply batch idle"
 
 
+def terminate(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+    """Stop a `loopbot run` child as an operator would (SIGTERM), killing it only if it
+    does not stop within ``grace_s``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 @dataclass
 class ChatOutcome:
     """What one chat got in one round (seconds after its message was offered to the bot)."""
@@ -124,13 +136,8 @@ class BotUnderLoad:
         return peak_rss_mb(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            terminate(self.proc)
         self.api.stop()
 
     def decode_stats(self) -> dict[str, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from bot.ops.backup_cli import database_arguments
 
@@ -71,6 +72,10 @@ def run_current(args: argparse.Namespace) -> int:
     from bot.store.db import HEAD_VERSION, Database, parse_target
 
     target = parse_target(_target(args))
+    if target.path is not None and not target.path.exists():
+        # Opening would create an empty database at a mistyped path.
+        print(f"loopbot db current: no database at {target.path}", file=sys.stderr)
+        return 1
 
     async def current() -> int:
         db = await Database.open(target.url, check_schema=False)

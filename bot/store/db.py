@@ -127,7 +127,9 @@ class Target:
         """Where it is, for logs and messages: the file, or the URL without its password."""
         if self.path is not None:
             return str(self.path)
-        return make_url(self.url).render_as_string(hide_password=True)
+        # As the operator wrote it (postgresql://), without the driver or the password.
+        return make_url(self.url).set(drivername="postgresql").render_as_string(
+            hide_password=True)
 
 
 def parse_target(where: str | Path) -> Target:

@@ -31,14 +31,20 @@ from tests.unit.test_experiment import B, fill, start_test
 HOURS = 30
 
 
-async def _prepare(path: Path, now: float) -> None:
+async def promotable_test(db: Database, now: float) -> None:
+    """A test of B against the active version, started HOURS ago, with the evidence that
+    makes the engine promote B at its next look."""
     catalog = load_directory(ROOT / "prompts")
     start = (int(now // 3600) - HOURS) * 3600.0
+    await start_test(db, catalog, at=start)
+    await fill(db, hours=HOURS, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95,
+               start=start)
+
+
+async def _prepare(path: Path, now: float) -> None:
     db = await Database.open(path)
     try:
-        await start_test(db, catalog, at=start)
-        await fill(db, hours=HOURS, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95,
-                   start=start)
+        await promotable_test(db, now)
         # The first runs of the job fail between the state write and the audit write.
         await db.fetchall("CREATE TRIGGER fail_audit BEFORE INSERT ON audit_log"
                           " BEGIN SELECT RAISE(ABORT, 'injected crash'); END")

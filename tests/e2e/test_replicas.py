@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,13 +22,14 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
+from bot.bench_load_cli import terminate
 from bot.devtools.fakebotapi import FakeBotAPI
 from bot.devtools.pgcluster import PgCluster
-from bot.prompts import load_directory
 from bot.store.db import Database
 from tests.e2e.botharness import ADMIN_ID, ROOT, postgres_database
+from tests.e2e.test_experiment_job import promotable_test
 from tests.e2e.test_ops_webhook import SECRET_HEADER, free_port, http, wait_healthy
-from tests.unit.test_experiment import B, fill, start_test
+from tests.unit.test_experiment import B
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -70,13 +70,7 @@ class Replica:
         return status
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        terminate(self.proc)
 
 
 def _query(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -94,13 +88,9 @@ async def _prepare(url: str, now: float) -> None:
     audit-log insert (the decision) sleeps inside its transaction, so the replica writing it
     can be killed half-way. The sequence is not rolled back with the transaction, so the
     replica that takes over does not sleep."""
-    catalog = load_directory(ROOT / "prompts")
-    start = (int(now // 3600) - HOURS) * 3600.0
     db = await Database.open(url)
     try:
-        await start_test(db, catalog, at=start)
-        await fill(db, hours=HOURS, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95,
-                   start=start)
+        await promotable_test(db, now)
         async with db.transaction() as conn:
             await conn.execute("CREATE SEQUENCE decision_trap")
             await conn.execute(
