@@ -287,3 +287,33 @@ async def test_a_vote_or_reaction_stored_after_the_voters_forget_is_refused(
     # Sent after it: new data.
     assert await store.upsert_vote(made.id, BIG_USER, correct=True, correct_label=None,
                                    update_id=21) is not None
+
+
+def test_the_head_version_constant_is_the_newest_revision_file() -> None:
+    from bot.store.schema import head_version
+
+    assert head_version() == HEAD_VERSION
+
+
+def test_the_bot_starts_without_loading_matplotlib_or_alembic(tmp_path: Path) -> None:
+    """~40 MB resident that `loopbot run` does not need until an admin asks for a chart or a
+    migration runs (issue 10's memory budget: ≤ 0.9 GB after 8 concurrent replies)."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "current.db"
+    code = (
+        "import asyncio, sys\n"
+        "from bot.store.db import Database\n"
+        "async def main():\n"
+        f"    db = await Database.open({str(db)!r})\n"
+        "    await db.close()\n"
+        "asyncio.run(main())\n"
+        "import bot.telegram.app, bot.telegram.runner\n"
+        "print(sorted(m for m in ('matplotlib', 'alembic') if m in sys.modules))\n")
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True)
+    assert first.stdout.strip() == "['alembic']"  # a new database is migrated
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True)
+    assert again.stdout.strip() == "[]"  # a current one is only read

@@ -24,15 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alembic.config import Config
-from alembic.runtime.environment import EnvironmentContext
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from bot.errors import LoopbotError
 
 if TYPE_CHECKING:
+    from alembic.script import ScriptDirectory
     from sqlalchemy.engine import Connection
 
 SCRIPT_DIR = Path(__file__).parent
@@ -96,7 +93,15 @@ def split_sqlite_script(script: str) -> list[str]:
     return statements
 
 
+# Alembic (with Mako and Pygments, ~10 MB resident) is imported only to migrate: a start on a
+# current schema reads alembic_version with plain SQL (HEAD_VERSION is checked against the
+# revision files by a test).
+
+
 def _script() -> ScriptDirectory:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
     config = Config()
     config.set_main_option("script_location", str(SCRIPT_DIR))
     return ScriptDirectory.from_config(config)
@@ -113,7 +118,7 @@ def current_version(conn: Connection) -> int:
     SQLite database of an older release), else 0 (empty)."""
     tables = set(inspect(conn).get_table_names())
     if "alembic_version" in tables:
-        revision = MigrationContext.configure(conn).get_current_revision()
+        revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
         if revision is not None:
             return int(revision)
     if "schema_version" in tables:
@@ -131,6 +136,11 @@ def legacy_version(conn: Connection) -> int:
 
 def upgrade_to_head(conn: Connection, dialect: str) -> int:
     """Run every revision the database does not have yet; returns the version reached."""
+    if current_version(conn) == HEAD_VERSION:
+        return HEAD_VERSION  # nothing to do: Alembic is not even loaded
+    from alembic.config import Config
+    from alembic.runtime.environment import EnvironmentContext
+
     script = _script()
     config = Config()
     config.set_main_option("script_location", str(SCRIPT_DIR))

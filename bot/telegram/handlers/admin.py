@@ -19,7 +19,6 @@ from typing import Any
 
 from telegram import InputFile, Message, Update
 
-from analytics import charts
 from bot import experiment, texts, versions
 from bot.learning import loop as learning
 from bot.service import Service, VersionReport
@@ -96,6 +95,10 @@ async def stats(update: Update, context: BotContext, message: Message,
     series = await service.accuracy_series()
     if not series:
         return
+    # matplotlib (~30 MB resident) is loaded when an admin first asks for a chart, not at
+    # start: the bot's memory is sized to what it serves.
+    from analytics import charts
+
     periods = [charts.Period(p.version_id, p.period_start, p.votes, p.correct) for p in series]
     # The engine's entries name its decision (a revert or freeze is written as a retire).
     events = [charts.Event(e.at, f"{e.stats.get('decision', e.action)} {e.version_id}")
