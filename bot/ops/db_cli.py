@@ -34,9 +34,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _target(args: argparse.Namespace) -> str:
     from bot.config import database_target, load_settings
 
+    # --db (a file or a URL) wins over storage.url: load_settings sees to that.
     settings = load_settings(getattr(args, "config", None), overrides={"storage.db": args.db})
-    if args.db:
-        settings.storage.url = args.db if "://" in args.db else ""
     return database_target(settings)
 
 

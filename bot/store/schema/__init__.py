@@ -121,13 +121,11 @@ def current_version(conn: Connection) -> int:
         revision = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
         if revision is not None:
             return int(revision)
-    if "schema_version" in tables:
-        value = conn.execute(text("SELECT MAX(version) FROM schema_version")).scalar()
-        return int(value) if value is not None else 0
-    return 0
+    return legacy_version(conn)
 
 
 def legacy_version(conn: Connection) -> int:
+    """The version the pre-Alembic numbered SQL files recorded (0: none)."""
     if "schema_version" not in set(inspect(conn).get_table_names()):
         return 0
     value = conn.execute(text("SELECT MAX(version) FROM schema_version")).scalar()
