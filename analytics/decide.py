@@ -33,7 +33,8 @@ The policy at each hourly look, in order (first match wins):
 3. 👎 share on chat replies clearly higher (always-valid e-process at α_reactions/K *and* a
    ratio ≥ ``reaction_max_ratio``) or mean latency ratio ≥ ``latency_max_ratio`` → **revert**;
 4. E⁻ ≥ K/alpha_revert_sequential, once the test is ``min_revert_hours`` old → **revert**,
-   unless selection by correctness could fake it (then hold);
+   unless selection by correctness could fake it or account for a large part of it (then
+   hold);
 5. no votes for ``stale_hours`` → hold (or retire at the horizon);
 6. E⁺ ≥ K/alpha_promote_sequential with enough observations per arm (adapted to traffic),
    once the test is ``min_promotion_hours`` old, with persistence (the last
@@ -59,19 +60,27 @@ the guard is for when they are not, and it looks in two ways:
   e ≥ 10 suffices (e ≥ 2 to hold a revert). This is a worst case: it does not know whether
   the extra votes fall on right or wrong verdicts, so it also stops a candidate voted on
   more for harmless reasons;
-- *selection by correctness* (:mod:`analytics.propensity`): θ per arm through the line
-  a_k / r_right + b_k / r_wrong = 1 over the bands (a_k, b_k: shares of served verdicts
-  voted right and voted wrong in band k), so the direction is known: θ_b > θ_a fakes a
-  promotion, θ_b < θ_a a revert. This is what sees a candidate whose overall vote rate is
-  unchanged. Its z holds the action it could fake (``propensity_hold_z``,
-  ``propensity_revert_hold_z``), freezes at ``propensity_freeze_z`` or at the horizon.
+- *selection by correctness* (:mod:`analytics.propensity`): log(θ_b / θ_a) estimated two
+  ways and combined by precision. The line a_k / r_right + b_k / r_wrong = 1 over the bands
+  (a_k, b_k: shares of served verdicts voted right and voted wrong in band k) gives θ per arm
+  whatever the bands' accuracies; the voters' odds ratio less the odds ratio the confidence
+  of *all* served verdicts implies (the bands place each arm's accuracy without a vote, if
+  the arms share calibration) gives the difference directly, about 1.4 times as precisely.
+  The direction is known: θ_b > θ_a fakes a promotion, θ_b < θ_a a revert. This is what
+  sees a candidate whose overall vote rate is unchanged. Its z holds the action it could
+  fake (``propensity_hold_z``, ``propensity_revert_hold_z``), and a revert is also held
+  while the estimate accounts for ``propensity_revert_share`` of the voters' deficit; it
+  freezes at ``propensity_freeze_z`` or at the horizon.
 
-What it cannot do: θ is identified only through how the bands' vote shares vary with their
-accuracy, so it is known about half as precisely as the odds ratio the accuracy evidence
-tests. A selection difference that fakes a 10-point gain (θ_b/θ_a = 2.25) is about 2.3
-standard errors from none after 48 h at 20 votes/h, when the accuracy evidence already
-crosses its bar; holding every promotion until the bands could tell would cost the power
-targets. The README gives the measured trade-off.
+What it cannot do: θ is identified only through the bands, so it is known less precisely
+than the odds ratio the accuracy evidence tests. A selection difference that fakes a
+10-point gain (θ_b/θ_a = 2.25) is about 3.4 standard errors from none after 48 h at 20
+votes/h, when a real 10-point gain must already be promoted; the Cramér–Rao bound of the
+banded data allows 3.7. A promotion bar that holds such a candidate in 99% of tests would
+hold real 5-point gains too often for the power targets, so the promotion side keeps a
+bar of 2 standard errors; reverts, which may wait, wait 3.5 days (``min_revert_hours``)
+until a selection that fakes a 7-point deficit is about 2 standard errors from none.
+The README gives the measured trade-offs.
 
 Error budgets: ``alpha_promote`` (1%) is split between the e-process
 (``alpha_promote_sequential``, any number of looks, Ville's inequality) and the single
@@ -100,7 +109,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats as sps
 
-from analytics.propensity import propensity_contrast
+from analytics.propensity import selection_contrast
 from analytics.sequential import (
     PsiPrior,
     binomial_shift_log_evalue,
@@ -177,7 +186,9 @@ class DecisionConfig:
     # Overall false-promotion budget, split between the e-process and the horizon test.
     alpha_promote: float = 0.01
     # The part of alpha_promote spent by the always-valid e-process (E⁺ ≥ 1/this).
-    alpha_promote_sequential: float = 0.003
+    # (0.002: the horizon test, spending the other 0.008, is the more powerful for small
+    # effects; measured on S1 +5 at 1000 runs: 0.887 with 0.002 against 0.860 with 0.005.)
+    alpha_promote_sequential: float = 0.002
     # Overall false-revert budget (reverting is cheap, so harm is acted on at 5%), split like
     # alpha_promote: E⁻ ≥ 1/alpha_revert_sequential at any look, the rest at the horizon.
     alpha_revert: float = 0.05
@@ -220,9 +231,14 @@ class DecisionConfig:
     # holds it; at the horizon, or beyond the freeze bar, the test freezes instead of deciding.
     # Blocking an action can only lower the error rates; the bars set what it costs in
     # tests where both arms' voters select alike (z is then standard normal).
-    propensity_hold_z: float = 2.5
+    propensity_hold_z: float = 2.0
     propensity_revert_hold_z: float = 1.0
     propensity_freeze_z: float = 4.0
+    # A revert is also held while the estimated selection (log θ_b / θ_a) accounts for at
+    # least this share of the voters' log odds ratio deficit (1 = only when it explains all
+    # of it; 0.5 = half): a deficit that who votes explains as well as a worse candidate
+    # does is no reason to revert.
+    propensity_revert_share: float = 0.5
     # Kept for configuration files that set it; the propensity guard replaced the ratio bar.
     parity_max_ratio: float = 1.5
     # Persistence: a promotion also needs the last persistence_hours alone to point the same
@@ -239,11 +255,12 @@ class DecisionConfig:
     # z ≥ settled_min_z: E⁺ built up in the first day (novelty) is not acted on until the
     # following hours confirm it. Also an added condition.
     settled_min_z: float = 1.0
-    # A revert on accuracy among voters also waits for one day-night cycle (the guardrails
-    # on 👎 and latency do not): early on, the bands cannot yet tell a candidate whose wrong
-    # verdicts are voted more readily from a worse one. Longer waits trade speed for safety:
-    # see the README's measured figures.
-    min_revert_hours: float = 24.0
+    # A revert on accuracy among voters also waits 3.5 days (the guardrails on 👎 and
+    # latency act at once): before that, the bands cannot tell a candidate whose wrong
+    # verdicts are voted more readily from a worse one (at 20 votes an hour a selection
+    # that fakes a 7-point deficit is 2 standard errors from none only after ~3 days).
+    # Shorter waits trade false rollbacks for speed: see the README's measured figures.
+    min_revert_hours: float = 84.0
     # One text (the same or near-identical) counts at most this often per arm and UTC day,
     # however many people send it (applied when aggregating, like max_votes_per_user_day).
     max_observations_per_text_day: int = 3
@@ -306,6 +323,8 @@ class DecisionConfig:
                 self.propensity_freeze_z < max(self.propensity_hold_z,
                                                self.propensity_revert_hold_z)):
             raise ValueError("propensity hold bars must be positive and at most the freeze bar")
+        if not 0.0 < self.propensity_revert_share <= 1.0:
+            raise ValueError("propensity_revert_share must be in (0, 1]")
         if self.persistence_hours < 0:
             raise ValueError("persistence_hours must be >= 0 (0 = off)")
         if self.min_promotion_hours < 0 or self.min_revert_hours < 0:
@@ -644,7 +663,7 @@ def _selection_contrast(data: ExperimentArrays) -> tuple[FloatArray, FloatArray]
 
     arm_a = (cum(bands.served_a), cum(bands.correct_a), cum(bands.observed_a - bands.correct_a))
     arm_b = (cum(bands.served_b), cum(bands.correct_b), cum(bands.observed_b - bands.correct_b))
-    return propensity_contrast(arm_a, arm_b)
+    return selection_contrast(arm_a, arm_b)
 
 
 def _guardrails(data: ExperimentArrays, config: DecisionConfig) -> _Guardrails:
@@ -779,7 +798,13 @@ def _choose(data: ExperimentArrays, config: DecisionConfig, k: int, acc: _Accura
     # Selection by correctness (θ_b / θ_a) pointing the way that would fake the decision at
     # hand: hold it; at the horizon, or far beyond, freeze rather than decide.
     fakes_up = guard.propensity_z >= config.propensity_hold_z
-    fakes_down = (guard.propensity_z <= -config.propensity_revert_hold_z) | (
+    # A revert is also held while selection accounts for at least propensity_revert_share of
+    # the voters' deficit (on the log odds scale): with selection that large, the deficit is
+    # as well explained by who votes as by a worse candidate, whatever its z.
+    log_or = np.log(np.where(acc.mh_odds_ratio > 0, acc.mh_odds_ratio, 1.0))
+    explains_deficit = (log_or < 0) & (
+        guard.propensity_log_ratio <= config.propensity_revert_share * log_or)
+    fakes_down = (guard.propensity_z <= -config.propensity_revert_hold_z) | explains_deficit | (
         (guard.log_e_parity >= math.log(PARITY_EVIDENCE_AT_REVERT))
         & (guard.propensity_bias >= config.propensity_tolerance))
     promoting = enough & lasting & (better | (at_horizon & horizon_better))

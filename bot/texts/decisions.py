@@ -114,7 +114,20 @@ def _selection(snap: ExperimentSnapshot, s: DecisionStats) -> str:
     other = "wrong" if way == "right" else "right"
     return (f"{rates}; how much more readily its {way} verdicts are voted on than its "
             f"{other} ones is {factor:.2f}× what it is for {snap.active_id} "
-            f"(z = {abs(s.propensity_z):.2f}, from the confidence bands)")
+            f"(z = {abs(s.propensity_z):.2f}, from the confidence bands and the confidence of "
+            f"all served verdicts){_share_of_effect(s)}")
+
+
+def _share_of_effect(s: DecisionStats) -> str:
+    """How much of the voters' apparent effect the selection estimate accounts for, when
+    both point the same way (the revert hold's ``propensity_revert_share``)."""
+    if not (s.mh_odds_ratio > 0 and s.propensity_ratio > 0):
+        return ""
+    effect, selection = math.log(s.mh_odds_ratio), math.log(s.propensity_ratio)
+    if effect == 0 or selection / effect <= 0:
+        return ""
+    return (f", enough to account for {min(100 * selection / effect, 999):.0f}% of the "
+            "difference among voters")
 
 
 def _parity(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:

@@ -81,7 +81,7 @@ def test_config_defaults_validate_and_use_yaml_friendly_types() -> None:
         assert tp in allowed or (typing.get_origin(tp) is list
                                  and typing.get_args(tp)[0] in allowed), f.name
     assert CFG.interval_minutes == 60.0
-    assert CFG.horizon_z() == pytest.approx(2.457, abs=1e-3)  # the remaining 0.7%
+    assert CFG.horizon_z() == pytest.approx(2.409, abs=1e-3)  # the remaining 0.8%
 
 
 @pytest.mark.parametrize("change", [
@@ -102,13 +102,18 @@ def test_promotes_a_clearly_better_candidate() -> None:
     d_snap = snap(hours_of(36, correct_a=7, correct_b=9))
     d = decide(d_snap, CFG)
     assert d.action == "promote" and d.rule == "evidence_better"
-    assert stats_of(d).e_plus >= stats_of(d).promote_threshold == pytest.approx(1 / 0.003)
+    assert stats_of(d).e_plus >= stats_of(d).promote_threshold == pytest.approx(
+        1 / CFG.alpha_promote_sequential)
     assert stats_of(d).votes_a == stats_of(d).votes_b == 360
     assert "E⁺" in why(d, d_snap) and "90.0%" in why(d, d_snap) and "70.0%" in why(d, d_snap)
 
 
-def test_reverts_a_clearly_worse_candidate() -> None:
-    d_snap = snap(hours_of(24, correct_a=9, correct_b=7))
+def test_reverts_a_clearly_worse_candidate_once_the_bands_could_tell() -> None:
+    # Before min_revert_hours the deficit among voters could still be who votes: held.
+    early = decide(snap(hours_of(int(CFG.min_revert_hours) - 1, correct_a=9, correct_b=7)), CFG)
+    assert early.action == "hold"
+    assert stats_of(early).e_minus >= stats_of(early).revert_threshold
+    d_snap = snap(hours_of(int(CFG.min_revert_hours), correct_a=9, correct_b=7))
     d = decide(d_snap, CFG)
     assert d.action == "revert" and d.rule == "evidence_worse"
     assert stats_of(d).e_minus >= stats_of(d).revert_threshold
@@ -160,7 +165,8 @@ REMOTE = "remote:qwen2.5-7b-instruct"
 def test_arms_scored_by_different_scorers_are_held_not_decided(
         scorers_a: dict[str, int], scorers_b: dict[str, int], correct_a: int, correct_b: int,
         otherwise: str) -> None:
-    rows = hours_of(36, correct_a=correct_a, correct_b=correct_b)
+    # Old enough for either decision (a revert waits min_revert_hours).
+    rows = hours_of(int(CFG.min_revert_hours), correct_a=correct_a, correct_b=correct_b)
     same = decide(snap(rows, scorers_a={GGUF: 360}, scorers_b={GGUF: 360}), CFG)
     assert same.action == otherwise  # one scorer in both arms: decided as before
     assert same == decide(snap(rows), CFG)
@@ -236,7 +242,7 @@ def test_concurrent_candidates_split_budget_and_traffic() -> None:
     d_snap = snap(hours_of(7, share=0.1, **SMOKE), share=0.1, concurrent_candidates=2)
     d = decide(d_snap, CFG)
     assert d.action == "ramp" and d.new_share == pytest.approx(1 / 3)
-    assert stats_of(d).promote_threshold == pytest.approx(2 / 0.003)
+    assert stats_of(d).promote_threshold == pytest.approx(2 / CFG.alpha_promote_sequential)
     assert stats_of(d).revert_threshold == pytest.approx(2 / CFG.alpha_revert_sequential)
 
 
@@ -388,8 +394,14 @@ def banded_hours(n_hours: int, arm_a: tuple[tuple[int, int, int], ...],
 # higher with the same accuracy and nearly the same vote rate.
 EVEN = ((80, 20, 20), (80, 30, 10), (80, 35, 5))
 PICKY = ((80, 24, 12), (80, 36, 6), (80, 42, 3))
-# Truly better, voters alike: right in 60%, 85% and 95%, every verdict voted on at 0.5.
-BETTER = ((80, 24, 16), (80, 34, 6), (80, 38, 2))
+# Truly better, voters alike: 204 of 246 verdicts right instead of 170 of 240, each right
+# (wrong) verdict landing in the bands as the active's right (wrong) ones do, so more of its
+# verdicts are served with high confidence; every verdict voted on at 0.5. Its votes are
+# PICKY's: only the served verdicts' confidence tells a real gain from selection.
+BETTER = ((72, 24, 12), (84, 36, 6), (90, 42, 3))
+# Truly worse, voters alike: 136 of 296 right (the active's right verdicts × 0.8, its wrong
+# ones × 2, landing in the bands alike), every verdict voted on at 0.5.
+EVEN_WORSE = ((112, 16, 40), (88, 24, 20), (76, 28, 10))
 
 
 def test_selection_by_correctness_holds_then_freezes_and_says_how_much() -> None:
@@ -420,7 +432,7 @@ def test_selection_by_correctness_holds_then_freezes_and_says_how_much() -> None
 
 def test_selection_by_correctness_holds_a_revert_it_could_fake() -> None:
     cfg = dataclasses.replace(CFG, propensity_tolerance=0.99, propensity_freeze_z=50.0)
-    d_snap = snap(banded_hours(36, PICKY, EVEN))
+    d_snap = snap(banded_hours(int(CFG.min_revert_hours), PICKY, EVEN))
     held = decide(d_snap, cfg)
     assert stats_of(held).e_minus >= stats_of(held).revert_threshold
     assert held.action == "hold" and held.rule == "parity"
@@ -434,3 +446,21 @@ def test_a_real_gain_with_voters_alike_is_promoted() -> None:
     d = decide(snap(banded_hours(36, EVEN, BETTER)), CFG)
     assert d.action == "promote" and d.rule == "evidence_better"
     assert abs(stats_of(d).propensity_z) < 1
+
+
+def test_a_revert_is_held_while_selection_accounts_for_the_deficit() -> None:
+    # The z bars out of the way: only the share of the deficit selection accounts for holds.
+    cfg = dataclasses.replace(CFG, propensity_tolerance=0.99, propensity_revert_hold_z=40.0,
+                              propensity_freeze_z=50.0)
+    d_snap = snap(banded_hours(int(CFG.min_revert_hours), PICKY, EVEN))
+    held = decide(d_snap, cfg)
+    s = stats_of(held)
+    assert s.e_minus >= s.revert_threshold and abs(s.propensity_z) < 40
+    assert held.action == "hold" and held.rule == "parity"
+    share = math.log(s.propensity_ratio) / math.log(s.mh_odds_ratio)
+    assert share >= cfg.propensity_revert_share
+    assert f"account for {100 * share:.0f}% of the difference among voters" in reason(
+        held, d_snap, cfg)
+    # The same deficit with voters alike on both arms is reverted.
+    assert decide(snap(banded_hours(int(CFG.min_revert_hours), EVEN, EVEN_WORSE)),
+                  cfg).action == "revert"

@@ -257,9 +257,10 @@ async def test_a_decision_on_a_test_an_admin_changed_meanwhile_is_not_applied(
 async def test_engine_reverts_a_worse_candidate_and_keeps_the_active(
         db: Database, catalog: dict[str, PromptVersion]) -> None:
     await start_test(db, catalog)
-    await fill(db, hours=30, per_hour_a=20, per_hour_b=20, acc_a=0.90, acc_b=0.55)
+    # A revert on accuracy waits min_revert_hours (84 h by default).
+    await fill(db, hours=90, per_hour_a=20, per_hour_b=20, acc_a=0.90, acc_b=0.55)
     before = await audit_count(db)
-    (out,) = await experiment.analyze(db, catalog, DecisionConfig(), now=T0 + 30 * 3600 + 60)
+    (out,) = await experiment.analyze(db, catalog, DecisionConfig(), now=T0 + 90 * 3600 + 60)
     assert out.action == "revert" and out.applied
     assert await audit_count(db) == before + 1
     state = await versions.load(db)
@@ -640,9 +641,10 @@ async def test_a_crash_between_state_and_audit_leaves_one_consistent_state(
         db: Database, catalog: dict[str, PromptVersion], change: str) -> None:
     await start_test(db, catalog)
     better = change != "revert"
-    await fill(db, hours=30, per_hour_a=20, per_hour_b=20, acc_a=0.70 if better else 0.9,
+    hours = 30 if better else 90  # a revert on accuracy waits min_revert_hours
+    await fill(db, hours=hours, per_hour_a=20, per_hour_b=20, acc_a=0.70 if better else 0.9,
                acc_b=0.95 if better else 0.55)
-    now = T0 + 30 * 3600 + 60
+    now = T0 + hours * 3600 + 60
     if change == "rollback":
         await experiment.analyze(db, catalog, DecisionConfig(), now=now)
     rows, count = await _state_rows(db), await audit_count(db)

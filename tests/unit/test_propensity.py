@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 
-from analytics.propensity import propensity_contrast, propensity_ratio
+from analytics.propensity import (
+    calibration_contrast,
+    propensity_contrast,
+    propensity_ratio,
+    selection_contrast,
+)
 
 # Bands of different accuracy (low, middle, high confidence), as the bot's are.
 ACCURACY = np.array([0.45, 0.75, 0.92])
@@ -87,3 +93,90 @@ def test_vectorised_over_runs_and_hours() -> None:
     assert log_theta.shape == var.shape == (7, 11)
     single = propensity_ratio(served[2, 3], correct[2, 3], wrong[2, 3])
     assert float(single[0]) == pytest.approx(log_theta[2, 3])
+
+
+# Shared calibration: where right and wrong verdicts fall among the bands, both arms alike.
+BANDS_IF_RIGHT = np.array([0.10, 0.30, 0.60])
+BANDS_IF_WRONG = np.array([0.45, 0.35, 0.20])
+
+
+def calibrated_counts(served: float, accuracy: float, r_right: float,
+                      r_wrong: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    right = served * accuracy * BANDS_IF_RIGHT
+    wrong = served * (1 - accuracy) * BANDS_IF_WRONG
+    return right + wrong, right * r_right, wrong * r_wrong
+
+
+def sampled_arm(rng: np.random.Generator, runs: int, served: int, accuracy: float,
+                r_right: float, r_wrong: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    right = rng.binomial(served, accuracy, runs)
+    in_right = rng.multinomial(right, BANDS_IF_RIGHT)
+    in_wrong = rng.multinomial(served - right, BANDS_IF_WRONG)
+    return ((in_right + in_wrong).astype(float),
+            rng.binomial(in_right, r_right).astype(float),
+            rng.binomial(in_wrong, r_wrong).astype(float))
+
+
+@pytest.mark.parametrize(("accuracy_b", "theta_a", "theta_b"),
+                         [(0.8, 1.0, 1.0), (0.9, 1.0, 1.0), (0.75, 0.5, 0.5), (0.8, 1.0, 2.25),
+                          (0.85, 0.5, 1.5), (0.8, 1.0, 1 / 1.5)])
+def test_calibration_contrast_is_the_voters_odds_ratio_less_the_served_one(
+        accuracy_b: float, theta_a: float, theta_b: float) -> None:
+    # Exact counts: the served verdicts' bands place each arm's accuracy, and what is left of
+    # the voters' odds ratio is selection, whatever the real gain.
+    arm_a = calibrated_counts(1e6, 0.8, 0.3 * theta_a, 0.3)
+    arm_b = calibrated_counts(1e6, accuracy_b, 0.2 * theta_b, 0.2)
+    log_ratio, z = calibration_contrast(arm_a, arm_b)
+    assert float(log_ratio) == pytest.approx(math.log(theta_b / theta_a), abs=1e-6)
+    assert (abs(float(z)) > 10) == (theta_a != theta_b)
+
+
+@pytest.mark.parametrize("contrast", [calibration_contrast, selection_contrast])
+def test_z_is_standard_normal_under_shared_calibration(contrast: Any) -> None:
+    # About two days at 20 votes an hour; the candidate 5 points better, both arms' voters
+    # favouring wrong verdicts alike and the candidate voted more overall.
+    rng = np.random.default_rng(11)
+    arm_a = sampled_arm(rng, 6000, 1400, 0.8, 0.3, 0.45)
+    arm_b = sampled_arm(rng, 6000, 1400, 0.85, 0.36, 0.54)
+    _, z = contrast(arm_a, arm_b)
+    assert abs(z.mean()) < 0.1 and z.std() == pytest.approx(1.0, abs=0.1)
+    assert (z >= 2.5).mean() < 0.015
+
+
+def test_both_estimates_together_see_selection_sooner_than_either() -> None:
+    # Right verdicts voted 1.125× and wrong ones 0.5× on the candidate (equal overall rates,
+    # a fake 10-point gain), two days at 20 votes an hour.
+    rng = np.random.default_rng(12)
+    arm_a = sampled_arm(rng, 4000, 1400, 0.8, 0.35, 0.35)
+    arm_b = sampled_arm(rng, 4000, 1400, 0.8, 0.35 * 1.125, 0.35 * 0.5)
+    means = {f.__name__: float(np.mean(f(arm_a, arm_b)[1]))
+             for f in (propensity_contrast, calibration_contrast, selection_contrast)}
+    assert means["propensity_contrast"] < means["calibration_contrast"] < means[
+        "selection_contrast"]
+    assert means["selection_contrast"] > 3.0
+
+
+def test_calibration_contrast_undetermined_gives_no_evidence() -> None:
+    good = calibrated_counts(1e6, 0.8, 0.3, 0.3)
+    no_votes = (good[0], np.zeros(3), np.zeros(3))
+    # Bands that say nothing about rightness: right and wrong verdicts spread alike.
+    flat = (np.full(3, 1e6), np.full(3, 3e5), np.full(3, 1e5))
+    for arm in (no_votes, flat):
+        log_ratio, z = calibration_contrast(arm, flat if arm is flat else good)
+        assert float(log_ratio) == 0.0 and float(z) == 0.0
+
+
+def test_selection_contrast_uses_what_is_determined() -> None:
+    # Three bands of different accuracy: both estimates, combined; the same verdicts in one
+    # band: neither is determined, so no evidence.
+    arm_a = calibrated_counts(1e6, 0.8, 0.3, 0.3)
+    arm_b = calibrated_counts(1e6, 0.8, 0.3 * 1.5, 0.3)
+    log_ratio, z = selection_contrast(arm_a, arm_b)
+    assert float(log_ratio) == pytest.approx(math.log(1.5), abs=1e-3) and float(z) > 10
+    def one_band(arm: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
+        return tuple(np.array([x.sum()]) for x in arm)
+
+    n_a, c_a, w_a = one_band(arm_a)
+    n_b, c_b, w_b = one_band(arm_b)
+    log_ratio, z = selection_contrast((n_a, c_a, w_a), (n_b, c_b, w_b))
+    assert float(log_ratio) == 0.0 and float(z) == 0.0
