@@ -60,6 +60,8 @@ Public API
   line fits.
 - ``calibration_contrast(arm_a, arm_b) -> (log_ratio, z)``: the same from the voters' odds
   ratio against the served verdicts' confidence (shared calibration).
+- ``calibration_differs(arm_a, arm_b) -> bool array``: the votes' band profiles show that
+  the arms do not share calibration (then only the line fit is used).
 - ``selection_contrast(arm_a, arm_b) -> (log_ratio, z)``: both, combined by precision.
 """
 
@@ -67,6 +69,7 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
+from scipy import stats as sps
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -191,7 +194,8 @@ def calibration_contrast(
 
     What it assumes beyond the line fit: shared calibration. A candidate prompt that makes
     the model surer of its wrong verdicts than the active one is would look like selection
-    (and the guard would hold or freeze, never decide). Where the bands do not place an arm
+    (and the guard would hold or freeze, never decide); where the votes' band profiles show
+    it (:func:`calibration_differs`), the contrast is not used. Where the bands do not place an arm
     (no served verdicts, bands of one accuracy, no votes either way) the contrast is 0 with
     z = 0."""
     n_a, c_a, w_a = (np.asarray(x, dtype=np.float64) for x in arm_a)
@@ -234,11 +238,52 @@ def calibration_contrast(
            + var_pa / (pa * (1 - pa)) ** 2 + var_pb / (pb * (1 - pb)) ** 2
            - 2 / (np.maximum(total_a, 1.0) * pa * (1 - pa))
            - 2 / (np.maximum(total_b, 1.0) * pb * (1 - pb)))
-    valid &= var > 0
+    valid &= (var > 0) & ~calibration_differs(arm_a, arm_b)
     diff = voters - served
     z = np.where(valid, diff / np.sqrt(np.where(valid, var, 1.0)), 0.0)
     return (np.asarray(np.where(valid, diff, 0.0), dtype=np.float64),
             np.asarray(z, dtype=np.float64))
+
+
+# The shared-calibration check rejects at this level: strict, because it is repeated at
+# every hourly look and a rejection only falls back to the assumption-light line fit.
+CALIBRATION_CHECK_ALPHA = 0.001
+
+
+def calibration_differs(
+    arm_a: tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike],
+    arm_b: tuple[npt.ArrayLike, npt.ArrayLike, npt.ArrayLike],
+) -> npt.NDArray[np.bool_]:
+    """Whether the votes show that the arms do not share calibration.
+
+    Why: :func:`calibration_contrast` assumes that a right verdict lands in each band with
+    the same chance in both arms, and a wrong one likewise. Votes on right verdicts fall in
+    the bands as right verdicts do (the chance of a vote depends on the arm and on
+    rightness, not on the band), so under the assumption the band profile of the correct
+    observations is the same in both arms, and so is that of the wrong ones. A candidate
+    prompt that makes the model surer of its wrong verdicts shifts its wrong observations
+    towards the high bands. Pearson's homogeneity test of both profiles (2 × bands tables,
+    2(K − 1) degrees of freedom together) at ``CALIBRATION_CHECK_ALPHA``: where it rejects,
+    the calibration contrast is not used."""
+    c = [np.asarray(arm[1], dtype=np.float64) for arm in (arm_a, arm_b)]
+    w = [np.asarray(arm[2], dtype=np.float64) for arm in (arm_a, arm_b)]
+    statistic = np.zeros(np.broadcast_shapes(c[0].shape, c[1].shape)[:-1])
+    dof = np.zeros_like(statistic)
+    for first, second in ((c[0], c[1]), (w[0], w[1])):
+        bands = first + second
+        used = bands > 0
+        total_first = first.sum(axis=-1, keepdims=True)
+        total_second = second.sum(axis=-1, keepdims=True)
+        total = np.maximum(total_first + total_second, 1.0)
+        for count, arm_total in ((first, total_first), (second, total_second)):
+            expected = bands * arm_total / total
+            safe = np.where(expected > 0, expected, 1.0)
+            statistic += np.where(used & (expected > 0), (count - expected) ** 2 / safe,
+                                  0.0).sum(axis=-1)
+        informative = (total_first[..., 0] > 0) & (total_second[..., 0] > 0)
+        dof += np.where(informative, np.maximum(used.sum(axis=-1) - 1, 0), 0)
+    p_value = np.where(dof > 0, sps.chi2.sf(statistic, np.maximum(dof, 1)), 1.0)
+    return np.asarray(p_value < CALIBRATION_CHECK_ALPHA, dtype=np.bool_)
 
 
 # Correlation of the two estimates of log(θ_b / θ_a) when the arms select alike, measured on

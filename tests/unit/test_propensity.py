@@ -10,6 +10,7 @@ import pytest
 
 from analytics.propensity import (
     calibration_contrast,
+    calibration_differs,
     propensity_contrast,
     propensity_ratio,
     selection_contrast,
@@ -180,3 +181,31 @@ def test_selection_contrast_uses_what_is_determined() -> None:
     n_b, c_b, w_b = one_band(arm_b)
     log_ratio, z = selection_contrast((n_a, c_a, w_a), (n_b, c_b, w_b))
     assert float(log_ratio) == 0.0 and float(z) == 0.0
+
+
+def test_a_candidate_calibrated_otherwise_falls_back_to_the_line_fit() -> None:
+    # The candidate's wrong verdicts land in the high band as often as its right ones: its
+    # served bands no longer measure its accuracy the way the active's do. The votes' band
+    # profiles show it, and only the line fit (which does not assume it) speaks.
+    rng = np.random.default_rng(13)
+    runs, served = 2000, 3000
+    arm_a = sampled_arm(rng, runs, served, 0.8, 0.35, 0.35)
+    right = rng.binomial(served, 0.8, runs)
+    in_right = rng.multinomial(right, BANDS_IF_RIGHT)
+    in_wrong = rng.multinomial(served - right, BANDS_IF_RIGHT)  # as sure when wrong
+    arm_b = ((in_right + in_wrong).astype(float), rng.binomial(in_right, 0.35).astype(float),
+             rng.binomial(in_wrong, 0.35).astype(float))
+    assert calibration_differs(arm_a, arm_b).mean() > 0.95
+    log_cal, z_cal = calibration_contrast(arm_a, arm_b)
+    differs = calibration_differs(arm_a, arm_b)
+    assert (z_cal[differs] == 0).all() and (log_cal[differs] == 0).all()
+    line = propensity_contrast(arm_a, arm_b)
+    combined = selection_contrast(arm_a, arm_b)
+    np.testing.assert_array_equal(combined[1][differs], line[1][differs])
+
+
+def test_the_calibration_check_rarely_rejects_shared_calibration() -> None:
+    rng = np.random.default_rng(14)
+    arm_a = sampled_arm(rng, 20000, 3000, 0.8, 0.3, 0.45)
+    arm_b = sampled_arm(rng, 20000, 3000, 0.85, 0.4, 0.6)
+    assert calibration_differs(arm_a, arm_b).mean() < 0.003
