@@ -45,12 +45,19 @@ What it cannot do
 -----------------
 Even combined, θ is known less precisely than the odds ratio among voters: at 20 votes an
 hour a propensity difference that fakes a 10-point effect (log ratio 0.81) is 3.4 standard
-errors from none after 48 hours (line fit alone 2.3; the Cramér–Rao bound of the banded
-counts with shared calibration 3.7), while a real 10-point gain must be promoted by then.
+errors from none after 48 hours (line fit alone 2.3), while a real 10-point gain must be
+promoted by then; and the combined estimate's standard error is already at the Cramér–Rao
+bound of the banded counts with shared calibration (0.81 / SE = 3.7), so no estimator can
+do better with this data. Nor is the shared calibration it leans on guaranteed: a candidate
+surer of its verdicts than the active one pulls the calibration contrast towards "better
+than the votes say" and so its z down (a small shift can hide half of a fake +10 at 48 h),
+which the votes' band-profile check sees only when the shift is large; the line fit alone
+therefore keeps its own hold bar.
+
 The engine therefore uses it where blocking an action costs little: it holds a promotion or
-revert while the estimate points the harmful way by ``propensity_hold_z`` (a revert also
-while it accounts for ``propensity_revert_share`` of the deficit) and freezes the test when
-it does so by ``propensity_freeze_z`` (see ``analytics.decide``).
+revert while the estimate points the harmful way by ``propensity_hold_z`` and accounts for
+``propensity_share`` of the effect among voters (a revert also on the share alone), and
+freezes the test when it does so by ``propensity_freeze_z`` (see ``analytics.decide``).
 
 Public API
 ----------
@@ -161,6 +168,10 @@ def propensity_contrast(
             np.asarray(z, dtype=np.float64))
 
 
+# The calibration contrast needs at least this many correct and this many wrong observations
+# in each arm: with fewer, its delta-method variance (a sum of terms of both signs) can come
+# out near zero and the z absurdly large.
+MIN_ARM_OBSERVATIONS = 10
 # The shares of served verdicts a calibration estimate of accuracy needs to be kept in (0, 1):
 # outside, the estimate says the bands cannot place the arm (too few served or votes).
 _ACCURACY_EDGE = 1e-3
@@ -194,8 +205,13 @@ def calibration_contrast(
 
     What it assumes beyond the line fit: shared calibration. A candidate prompt that makes
     the model surer of its wrong verdicts than the active one is would look like selection
-    (and the guard would hold or freeze, never decide); where the votes' band profiles show
-    it (:func:`calibration_differs`), the contrast is not used. Where the bands do not place an arm
+    in one direction and hide it in the other: surer of its right verdicts, the candidate's
+    accuracy is overestimated and a selection that fakes a gain is partly hidden. Where the
+    votes' band profiles show it (:func:`calibration_differs`, which needs a large shift)
+    the contrast is not used; otherwise the engine keeps the line fit's own hold bar. Its
+    variance leaves out the noise of the pooled profiles R and W, and with a real gain at
+    high accuracy (0.9 against 0.97) its z leans positive (mean about +0.4), holding some
+    real promotions: a cost in speed, not in error rate. Where the bands do not place an arm
     (no served verdicts, bands of one accuracy, no votes either way) the contrast is 0 with
     z = 0."""
     n_a, c_a, w_a = (np.asarray(x, dtype=np.float64) for x in arm_a)
@@ -225,7 +241,9 @@ def calibration_contrast(
     p_b, var_pb = accuracy(n_b, total_b)
     x_a, o_a = c_a.sum(axis=-1), (c_a + w_a).sum(axis=-1)
     x_b, o_b = c_b.sum(axis=-1), (c_b + w_b).sum(axis=-1)
-    valid = ((norm > 0) & (x_a > 0) & (o_a > x_a) & (x_b > 0) & (o_b > x_b)
+    enough = MIN_ARM_OBSERVATIONS
+    valid = ((norm > 0) & (x_a >= enough) & (o_a - x_a >= enough) & (x_b >= enough)
+             & (o_b - x_b >= enough)
              & (p_a > _ACCURACY_EDGE) & (p_a < 1 - _ACCURACY_EDGE)
              & (p_b > _ACCURACY_EDGE) & (p_b < 1 - _ACCURACY_EDGE))
     one = np.ones_like(p_a)
@@ -309,8 +327,18 @@ def selection_contrast(
     fakes a 10-point gain is 3.4 standard errors from none after 48 h at 20 votes an hour
     (line fit alone 2.3, calibration alone 3.0). Where only one is determined, it is used
     alone; where neither is, the contrast is 0 with z = 0."""
-    log_line, z_line = propensity_contrast(arm_a, arm_b)
-    log_cal, z_cal = calibration_contrast(arm_a, arm_b)
+    return combine_contrasts(propensity_contrast(arm_a, arm_b),
+                             calibration_contrast(arm_a, arm_b))
+
+
+def combine_contrasts(line: tuple[FloatArray, FloatArray],
+                      calibration: tuple[FloatArray, FloatArray],
+                      ) -> tuple[FloatArray, FloatArray]:
+    """The line fit's and the calibration contrast's (log ratio, z), combined by precision
+    (what :func:`selection_contrast` returns; separate so a caller that also needs the line
+    fit alone computes it once)."""
+    log_line, z_line = line
+    log_cal, z_cal = calibration
     has_line, has_cal = z_line != 0, z_cal != 0
     # Variances back from estimate / z (both zero where undetermined).
     var_line = np.where(has_line, (log_line / np.where(has_line, z_line, 1.0)) ** 2, np.inf)

@@ -120,7 +120,7 @@ def _selection(snap: ExperimentSnapshot, s: DecisionStats) -> str:
 
 def _share_of_effect(s: DecisionStats) -> str:
     """How much of the voters' apparent effect the selection estimate accounts for, when
-    both point the same way (the revert hold's ``propensity_revert_share``)."""
+    both point the same way (compared with ``propensity_share`` by the holds)."""
     if not (s.mh_odds_ratio > 0 and s.propensity_ratio > 0):
         return ""
     effect, selection = math.log(s.mh_odds_ratio), math.log(s.propensity_ratio)

@@ -458,9 +458,45 @@ def test_a_revert_is_held_while_selection_accounts_for_the_deficit() -> None:
     assert s.e_minus >= s.revert_threshold and abs(s.propensity_z) < 40
     assert held.action == "hold" and held.rule == "parity"
     share = math.log(s.propensity_ratio) / math.log(s.mh_odds_ratio)
-    assert share >= cfg.propensity_revert_share
+    assert share >= cfg.propensity_share
     assert f"account for {100 * share:.0f}% of the difference among voters" in reason(
         held, d_snap, cfg)
     # The same deficit with voters alike on both arms is reverted.
     assert decide(snap(banded_hours(int(CFG.min_revert_hours), EVEN, EVEN_WORSE)),
                   cfg).action == "revert"
+
+
+def test_the_line_fit_alone_keeps_its_own_hold_bar() -> None:
+    # The combined estimate's bars out of the way: the line fit, which does not assume that
+    # the arms share calibration, still holds the promotion selection could fake.
+    cfg = dataclasses.replace(CFG, propensity_tolerance=0.99, propensity_hold_z=40.0,
+                              propensity_freeze_z=50.0)
+    d_snap = snap(banded_hours(36, EVEN, PICKY))
+    held = decide(d_snap, cfg)
+    assert held.action == "hold" and held.rule == "parity"
+    unguarded = dataclasses.replace(cfg, propensity_line_hold_z=40.0)
+    assert decide(d_snap, unguarded).action == "promote"
+
+
+def test_a_real_gain_with_a_little_selection_is_promoted() -> None:
+    # Five times EVEN's traffic per hour; the candidate is truly better (shared calibration,
+    # 1020 of 1230 right against 850 of 1200) and its right verdicts are voted a little more
+    # readily (0.6 against 0.5): selection is certain (z > 4) but accounts for a fifth of the
+    # gain, so the selection guard lets it through.
+    active = ((400, 100, 100), (400, 150, 50), (400, 175, 25))
+    candidate = ((360, 144, 60), (420, 216, 30), (450, 252, 15))
+    d_snap = snap(banded_hours(36, active, candidate))
+    # The worst-case vote-rate guard does not know where the extra votes fall: rates 1.17×
+    # could hide 2.8 points, above its 2-point tolerance, so by default it freezes the test.
+    frozen = decide(d_snap, CFG)
+    assert (frozen.action, frozen.rule) == ("freeze", "propensity")
+    assert stats_of(frozen).propensity_bias > CFG.propensity_tolerance
+    cfg = dataclasses.replace(CFG, propensity_tolerance=0.99)
+    d = decide(d_snap, cfg)
+    s = stats_of(d)
+    assert s.propensity_z >= cfg.propensity_freeze_z
+    assert math.log(s.propensity_ratio) < cfg.propensity_share * math.log(s.mh_odds_ratio)
+    assert d.action == "promote" and d.rule == "evidence_better"
+    # Were a tenth of the gain enough to matter, the same data would be frozen.
+    strict = decide(d_snap, dataclasses.replace(cfg, propensity_share=0.1))
+    assert (strict.action, strict.rule) == ("freeze", "propensity")

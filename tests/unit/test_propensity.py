@@ -209,3 +209,12 @@ def test_the_calibration_check_rarely_rejects_shared_calibration() -> None:
     arm_a = sampled_arm(rng, 20000, 3000, 0.8, 0.3, 0.45)
     arm_b = sampled_arm(rng, 20000, 3000, 0.85, 0.4, 0.6)
     assert calibration_differs(arm_a, arm_b).mean() < 0.003
+
+
+def test_too_few_observations_give_no_calibration_evidence() -> None:
+    # A handful of votes: the delta-method variance, a sum of terms of both signs, would come
+    # out near zero (z ≈ −14 here before the minimum was required).
+    arm_a = (np.array([1.0, 3, 6]), np.array([0.0, 1, 2]), np.array([1.0, 0, 0]))
+    arm_b = (np.array([0.0, 4, 6]), np.array([0.0, 0, 1]), np.array([0.0, 1, 0]))
+    log_ratio, z = calibration_contrast(arm_a, arm_b)
+    assert float(log_ratio) == 0.0 and float(z) == 0.0
