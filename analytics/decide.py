@@ -769,6 +769,15 @@ def _bars(data: ExperimentArrays, config: DecisionConfig, k: int,
     return _Bars(up, down, np.asarray(min_votes, dtype=np.float64))
 
 
+def _accounts_for(selection: FloatArray, log_or: FloatArray,
+                  share: float) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Where the selection estimate log(θ_b/θ_a) accounts for at least ``share`` of the
+    voters' log odds ratio: of a gain (both positive), of a deficit (both negative)."""
+    gain = (log_or > 0) & (selection >= share * log_or)
+    deficit = (log_or < 0) & (selection <= share * log_or)
+    return np.asarray(gain, dtype=np.bool_), np.asarray(deficit, dtype=np.bool_)
+
+
 def _choose(data: ExperimentArrays, config: DecisionConfig, k: int, acc: _AccuracyEvidence,
             guard: _Guardrails, bars: _Bars, target: FloatArray, share_now: FloatArray,
             ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int8]]:
@@ -792,12 +801,12 @@ def _choose(data: ExperimentArrays, config: DecisionConfig, k: int, acc: _Accura
     # tolerance, not a share of the difference among voters: that difference is itself
     # inflated by the selection and by noise (measured: compared with half of it, false
     # promotions in S_propensity_right rose from 0.1% to 2.6%).
-    hides_effect = guard.propensity_bias >= config.propensity_tolerance
-    propensity = (guard.log_e_parity >= math.log(1.0 / config.alpha_parity)) & hides_effect
+    rates_could_hide = guard.propensity_bias >= config.propensity_tolerance
+    propensity = (guard.log_e_parity >= math.log(1.0 / config.alpha_parity)) & rates_could_hide
     # At a decision (blocking one can only lower the error rates) weaker evidence suffices:
     # the vote rates differ by enough to hide the tolerance, with e-value ≥ 10. (A
     # fixed-sample z-test here blocked 3-5% of true improvements in clean traffic.)
-    suspect = (guard.log_e_parity >= math.log(PARITY_EVIDENCE_AT_DECISION)) & hides_effect
+    suspect = (guard.log_e_parity >= math.log(PARITY_EVIDENCE_AT_DECISION)) & rates_could_hide
     reactions_bad = (
         (guard.log_e_reactions >= math.log(k / config.alpha_reactions))
         & (np.nan_to_num(guard.down_ratio, nan=0.0) >= config.reaction_max_ratio)
@@ -830,18 +839,16 @@ def _choose(data: ExperimentArrays, config: DecisionConfig, k: int, acc: _Accura
     # well explained by who votes as by a worse candidate, whatever its z. A promotion is
     # held by the z bar only while selection accounts for that share of the gain.
     log_or = np.log(np.where(acc.mh_odds_ratio > 0, acc.mh_odds_ratio, 1.0))
-    explains_gain = (log_or > 0) & (guard.propensity_log_ratio >= config.propensity_share * log_or)
-    line_up = (guard.propensity_line_z >= config.propensity_line_hold_z) & (log_or > 0) & (
-        guard.propensity_line_log_ratio >= config.propensity_share * log_or)
-    line_down = (guard.propensity_line_z <= -config.propensity_line_hold_z) & (log_or < 0) & (
-        guard.propensity_line_log_ratio <= config.propensity_share * log_or)
+    explains_gain, explains_deficit = _accounts_for(
+        guard.propensity_log_ratio, log_or, config.propensity_share)
+    line_gain, line_deficit = _accounts_for(
+        guard.propensity_line_log_ratio, log_or, config.propensity_share)
+    line_up = (guard.propensity_line_z >= config.propensity_line_hold_z) & line_gain
+    line_down = (guard.propensity_line_z <= -config.propensity_line_hold_z) & line_deficit
     fakes_up = ((guard.propensity_z >= config.propensity_hold_z) & explains_gain) | line_up
-    explains_deficit = (log_or < 0) & (
-        guard.propensity_log_ratio <= config.propensity_share * log_or)
     fakes_down = (
         (guard.propensity_z <= -config.propensity_revert_hold_z) | explains_deficit | line_down
-        | ((guard.log_e_parity >= math.log(PARITY_EVIDENCE_AT_REVERT))
-           & hides_effect))
+        | ((guard.log_e_parity >= math.log(PARITY_EVIDENCE_AT_REVERT)) & rates_could_hide))
     promoting = enough & lasting & (better | (at_horizon & horizon_better))
     reverting = worse | (at_horizon & horizon_worse)
     selection_freeze = (
