@@ -167,11 +167,12 @@ def _scorer_mismatch(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionS
 
 
 def _fading(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
-    return (f"E⁺ = {_e(s.e_plus)} clears the bar, but the last {cfg.persistence_hours:g} h "
-            f"alone (z = {s.recent_z:.2f}, needs {cfg.persistence_min_z:g}) or the hours "
-            f"after the first {cfg.min_promotion_hours:g} h alone (z = {s.settled_z:.2f}, "
-            f"needs {cfg.settled_min_z:g}) do not point the same way clearly enough: holding, "
-            f"the advantage may have faded; {_arms(snap, s)}")
+    recent = (f"; the last {cfg.persistence_hours:g} h alone give z = {s.recent_z:.2f} "
+              f"(needs {cfg.persistence_min_z:g})" if cfg.persistence_hours > 0 else "")
+    return (f"E⁺ = {_e(s.e_plus)} clears the bar, but it has grown {_e(s.e_growth)}× since "
+            f"the first {cfg.min_promotion_hours:g} h ended (needs {cfg.settled_growth:g}×)"
+            f"{recent}: holding, the advantage may have faded or not yet shown that it "
+            f"lasts; {_arms(snap, s)}")
 
 
 def _min_votes(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
