@@ -90,8 +90,14 @@ def _horizon_worse(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionSta
 
 
 def _horizon_retire(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    # The week clears the bar but the hours after the first day do not: say so, or the
+    # admins see a passing z and a retirement with no reason between them.
+    early_only = (f", clearing {s.horizon_z:.2f}, but the hours after the first "
+                  f"{cfg.min_promotion_hours:g} h alone give z = {s.settled_z:.2f} (needs "
+                  f"{cfg.settled_min_z:g}): the gain did not last"
+                  if s.mh_z >= s.horizon_z and s.settled_z < cfg.settled_min_z else "")
     return (f"no decision after {s.elapsed_hours} h (E⁺ = {_e(s.e_plus)}, E⁻ = "
-            f"{_e(s.e_minus)}, MH z = {s.mh_z:.2f}); {_arms(snap, s)}; keeping "
+            f"{_e(s.e_minus)}, MH z = {s.mh_z:.2f}{early_only}); {_arms(snap, s)}; keeping "
             f"{snap.active_id}, retiring {snap.candidate_id}")
 
 

@@ -369,6 +369,20 @@ def test_no_promotion_before_a_full_day_nor_on_the_first_day_alone() -> None:
     assert decide(snap(hours_of(36, correct_a=6, correct_b=10)), CFG).action == "promote"
 
 
+def test_the_horizon_test_needs_the_hours_after_the_first_day_too() -> None:
+    # A first day so much better that the whole week still clears the horizon bar, and
+    # nothing after it: the week's z is the first day's, so the candidate is retired.
+    rows = hours_of(168, correct_a=lambda h: 6 if h < 24 else 8,
+                    correct_b=lambda h: 10 if h < 24 else 8)
+    d = decide(snap(rows), CFG)
+    s = stats_of(d)
+    assert s.mh_z >= s.horizon_z and s.settled_z == 0.0 < CFG.settled_min_z
+    assert s.e_growth < CFG.settled_growth
+    assert d.action == "retire" and d.rule == "horizon_retire"
+    assert "after the first 24 h alone give z = 0.00 (needs 1.645): the gain did not last" in (
+        why(d, snap(rows)))
+
+
 @pytest.mark.parametrize("first_day_gain", [0.0, 0.15])
 def test_growth_since_the_first_day_is_an_e_process_of_the_later_hours(
         first_day_gain: float) -> None:
