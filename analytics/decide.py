@@ -270,8 +270,9 @@ class DecisionConfig:
     parity_max_ratio: float = 1.5
     # Persistence window (0 = off): a promotion also needs the last persistence_hours alone
     # to point the same way (stratified z ≥ persistence_min_z). Off by default: beside
-    # settled_growth and settled_min_z it changed no novelty figure measurably (+5 points
-    # for 24, 48 or 72 h) and cost S1 +5 0.6 points of power (README, persistence).
+    # settled_growth and settled_min_z it moved none of the novelty figures by more than a
+    # point (advantages lasting 24, 48 or 72 h) and cost S1 +5 0.6 points of power (README,
+    # persistence).
     persistence_hours: float = 0.0
     persistence_min_z: float = 0.0
     # Nor does any promotion come before the test has seen one full day-night cycle: an
