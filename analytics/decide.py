@@ -37,8 +37,8 @@ The policy at each hourly look, in order (first match wins):
    hold);
 5. no votes for ``stale_hours`` → hold (or retire at the horizon);
 6. E⁺ ≥ K/alpha_promote_sequential with enough observations per arm (adapted to traffic),
-   once the test is ``min_promotion_hours`` old, with persistence (E⁺ has grown
-   ``settled_growth``-fold since the first day ended) → **promote**, unless selection by
+   once the test is ``min_promotion_hours`` old, with persistence (the hours after the
+   first day alone give e ≥ ``settled_min_e``) → **promote**, unless selection by
    correctness could fake it (then hold);
 7. at the horizon (``max_duration_hours``): stratified Mantel–Haenszel z ≥ the bar (a t
    reference with few voters), enough observations, and the hours after the first day
@@ -90,11 +90,11 @@ Persistence (novelty). A candidate better only at first must not be promoted on 
 evidence its first day built. No promotion comes before ``min_promotion_hours`` (one
 day-night cycle), and then every promotion needs the hours after it to carry the gain on
 their own, by a test that stays valid however large the first day's advantage was: before
-the horizon, E⁺ must have grown ``settled_growth``-fold since the first day ended (that
-growth is an e-process of the later hours alone, see ``_growth_since``: at most 10% of such
-candidates, whatever the size of the advantage); at the horizon, the later hours alone must
-reach z ≥ ``settled_min_z`` (at most 5%). Measured, a +5-point first day at 20 votes/h is
-promoted in about 2% of tests and a +10-point one at 60 votes/h in 8% (55% with the
+the horizon, those hours alone give e ≥ ``settled_min_e`` (an e-process that counts nothing
+of the first day, ``analytics.sequential.fisher_e_process`` with ``since``: at most 10% of
+such candidates, whatever the size of the advantage); at the horizon, the later hours alone
+must reach z ≥ ``settled_min_z`` (at most 5%). Measured, a +5-point first day at 20 votes/h
+is promoted in about 2% of tests and a +10-point one at 60 votes/h in 8% (55% with the
 previous per-look z gate, which the many hourly looks let through). What persistence cannot
 do: an advantage that lasts two or three days looks like a lasting one until it fades, and
 a real gain must be promoted by then.
@@ -172,7 +172,7 @@ class Rule(StrEnum):
     RESTART = "restart"
     HORIZON_WORSE = "horizon_worse"
     PROPENSITY = "propensity"  # who votes differs between the arms: frozen, not decided
-    FADING = "fading"  # E⁺ crossed, but the recent hours alone do not point the same way
+    FADING = "fading"  # E⁺ crossed, but the hours after the first day alone do not carry it
     # Set by the bot, not by the policy: the candidate has no prompt file to analyse.
     MISSING_FILE = "missing_file"
     # Set by decide() from the snapshot's scorers, not by the vectorised policy: the arms'
@@ -279,16 +279,17 @@ class DecisionConfig:
     # advantage of the first hours (novelty) is not yet distinguishable from a lasting one,
     # and who uses the bot changes over the day. Another added condition.
     min_promotion_hours: float = 24.0
-    # Before the horizon, E⁺ must also have grown settled_growth-fold since that first day
-    # ended. E⁺(t) / E⁺(first day) is itself an e-process of the later hours alone (the
-    # mixture over effects with the first day's posterior as its prior), valid whatever the
-    # first day showed: an advantage confined to the first day, however large, is promoted
-    # this way in at most 1/settled_growth of tests (Ville's inequality), while a lasting
-    # one keeps the head start the first day gave it.
-    settled_growth: float = 10.0
+    # Before the horizon, the hours after that first day alone must also give e ≥
+    # settled_min_e (1 = off), an e-process that counts nothing of the first day
+    # (analytics.sequential, fisher_e_process's ``since``): an advantage confined to the
+    # first day, however large, is promoted this way in at most 1/settled_min_e of tests
+    # (Ville's inequality). Half of it is E⁺'s growth since the first day, so a lasting
+    # gain keeps the head start its first day gave it.
+    settled_min_e: float = 10.0
     # At the horizon the hours after the first day alone must give stratified z ≥
-    # settled_min_z: at most 5% of tests with a first-day-only advantage, of any size.
-    # Both are added conditions: the false-promotion bound stays exact.
+    # settled_min_z: at most 5% of tests with a first-day-only advantage, of any size (so
+    # at most 15% over both routes; measured 2-8%). Added conditions, both: the
+    # false-promotion bound stays exact.
     settled_min_z: float = 1.645
     # A revert on accuracy among voters also waits 3.5 days (the guardrails on 👎 and
     # latency act at once): before that, the bands cannot tell a candidate whose wrong
@@ -362,8 +363,11 @@ class DecisionConfig:
             raise ValueError("propensity_line_hold_z must be positive")
         if not 0.0 < self.propensity_share <= 1.0:
             raise ValueError("propensity_share must be in (0, 1]")
-        if self.settled_growth < 1:
-            raise ValueError("settled_growth must be >= 1 (1 = off)")
+        if self.settled_min_e < 1:
+            raise ValueError("settled_min_e must be >= 1 (1 = off)")
+        if self.max_duration_hours <= self.min_promotion_hours:
+            raise ValueError("max_duration_hours must exceed min_promotion_hours (a test "
+                             "that ends with its first day could never promote)")
         if self.persistence_hours < 0:
             raise ValueError("persistence_hours must be >= 0 (0 = off)")
         if self.min_promotion_hours < 0 or self.min_revert_hours < 0:
@@ -514,8 +518,9 @@ class Trajectory:
     # and of the hours after the first ``min_promotion_hours`` alone.
     recent_z: FloatArray
     settled_z: FloatArray
-    # log of E⁺'s growth since the first min_promotion_hours ended (persistence).
-    log_e_growth: FloatArray
+    # log e that the candidate is better from the hours after the first
+    # min_promotion_hours alone (persistence).
+    log_e_settled: FloatArray
     # The horizon test's bars at each look (a t reference with few clusters).
     horizon_z: FloatArray
     horizon_revert_z: FloatArray
@@ -557,8 +562,8 @@ class _AccuracyEvidence:
     recent_z: FloatArray
     # Stratified z of the hours after the first min_promotion_hours alone.
     settled_z: FloatArray
-    # log E⁺ now less log E⁺ when the first min_promotion_hours ended (0 until then).
-    log_e_growth: FloatArray
+    # log e of the hours after the first min_promotion_hours alone (0 until then).
+    log_e_settled: FloatArray
 
 
 def _settled_z(data: ExperimentArrays, after: float, deff: FloatArray) -> FloatArray:
@@ -589,40 +594,25 @@ def _accuracy_evidence(data: ExperimentArrays, config: DecisionConfig,
         {"va": data.votes_a, "xa": data.correct_a, "vb": data.votes_b, "xb": data.correct_b},
         data.planned_share, ("va", "vb"), config.min_stratum_votes, config.max_stratum_hours)
     closed = blocks.closed
+    # Persistence: the evidence of the strata closed after the first min_promotion_hours
+    # (look t is slot 2t + 1, so the first day ends at slot 2·first − 1).
+    first = math.ceil(config.min_promotion_hours)
     both = fisher_e_process(closed["va"], closed["xa"], closed["vb"], closed["xb"],
-                            config.prior(), design_effect=np.repeat(deff, 2, axis=1))
+                            config.prior(), design_effect=np.repeat(deff, 2, axis=1),
+                            since=2 * first - 1)
     # The fixed-time MH test may use the open block too (it is read once, at the horizon).
     sums = [np.cumsum(t, axis=1)[:, 1::2] for t in
             mh_terms(closed["va"], closed["xa"], closed["vb"], closed["xb"])]
     pending = mh_terms(blocks.open["va"], blocks.open["xa"], blocks.open["vb"],
                        blocks.open["xb"])
     mh = mh_from_sums(*(c + p for c, p in zip(sums, pending, strict=True)))
+    assert both.log_e_plus_later is not None
     # Slot 2t+1 is the evidence after everything closed at look t.
-    log_e_plus = both.log_e_plus[:, 1::2]
-    return _AccuracyEvidence(log_e_plus, both.log_e_minus[:, 1::2],
+    return _AccuracyEvidence(both.log_e_plus[:, 1::2], both.log_e_minus[:, 1::2],
                              mh.z / np.sqrt(deff), mh.odds_ratio,
                              _recent_z(data, config.persistence_hours, deff),
                              _settled_z(data, config.min_promotion_hours, deff),
-                             _growth_since(log_e_plus, config.min_promotion_hours))
-
-
-def _growth_since(log_e: FloatArray, after: float) -> FloatArray:
-    """log E(t) − log E(after) at every look from ``after`` hours on (0 before).
-
-    Why this is an e-process of the later hours alone: E⁺ is a mixture over effects ψ of
-    running likelihood ratios, Σ w(ψ) Π LR(ψ). Divided by its value when the first day ended
-    it is Σ w'(ψ) Π_later LR(ψ) with w' ∝ w(ψ) Π_first-day LR(ψ): the same kind of mixture
-    over the later strata, its weights (the first day's posterior) fixed before they were
-    seen. So it is a test martingale when the later hours carry no effect, whatever the
-    first day carried. (Strata that straddle the first day's end, possible only in sparse
-    traffic, count as later; with a design effect above 1 the tempering makes this, like
-    E⁺, an approximation.)"""
-    first = min(max(0, math.ceil(after)), log_e.shape[1])
-    if first == 0:
-        return log_e
-    reference = log_e[:, first - 1:first]
-    later = np.arange(log_e.shape[1])[None, :] >= first
-    return np.asarray(np.where(later, log_e - reference, 0.0), dtype=np.float64)
+                             both.log_e_plus_later[:, 1::2])
 
 
 _CUMULATIVE = ("votes_a", "correct_a", "votes_b", "correct_b", "served_a", "served_b", "up_a",
@@ -870,10 +860,11 @@ def _choose(data: ExperimentArrays, config: DecisionConfig, k: int, acc: _Accura
     worse = (acc.log_e_minus >= math.log(k / config.alpha_revert_sequential)) & (
         elapsed >= config.min_revert_hours)
     enough = np.minimum(cum["votes_a"], cum["votes_b"]) >= bars.min_votes
-    # Persistence (novelty): before the horizon E⁺ must have grown since the first day,
-    # at the horizon the hours after it must point the same way.
+    # Persistence (novelty): the hours after the first day alone must carry the gain too,
+    # by their own e-value before the horizon and by their own z at it.
     recent_ok = acc.recent_z >= config.persistence_min_z
-    lasting = recent_ok & (acc.log_e_growth >= math.log(config.settled_growth))
+    lasting = recent_ok & ((config.settled_min_e <= 1)
+                           | (acc.log_e_settled >= math.log(config.settled_min_e)))
     horizon_lasting = recent_ok & (acc.settled_z >= config.settled_min_z)
     # Before a full day-night cycle E⁺ is not acted on (it still accumulates): collecting.
     better = (acc.log_e_plus >= math.log(k / config.alpha_promote_sequential)) & (
@@ -981,7 +972,7 @@ def evaluate(
         mh_odds_ratio=acc.mh_odds_ratio,
         recent_z=acc.recent_z,
         settled_z=acc.settled_z,
-        log_e_growth=acc.log_e_growth,
+        log_e_settled=acc.log_e_settled,
         horizon_z=bars.horizon_z,
         horizon_revert_z=bars.horizon_revert_z,
         min_votes=bars.min_votes,
@@ -1108,10 +1099,9 @@ class DecisionStats:
     # Accuracy points the difference in who votes could hide; the recent window's z.
     propensity_bias: float
     recent_z: float
-    # z of the hours after the first day alone, and how many times E⁺ has grown since the
-    # first day ended (persistence before promotion).
+    # z and e-value of the hours after the first day alone (persistence before promotion).
     settled_z: float
-    e_growth: float
+    settled_e: float
     # θ_b / θ_a (θ = how much more readily an arm's right verdicts are voted on than its
     # wrong ones, estimated through the confidence bands) and its z (0: not determined).
     propensity_ratio: float
@@ -1315,7 +1305,7 @@ def _stats_at(traj: Trajectory, i: int, snapshot: ExperimentSnapshot, config: De
         propensity_bias=float(traj.propensity_bias[0, i]),
         recent_z=float(traj.recent_z[0, i]),
         settled_z=float(traj.settled_z[0, i]),
-        e_growth=e_value(traj.log_e_growth),
+        settled_e=e_value(traj.log_e_settled),
         propensity_ratio=math.exp(float(traj.propensity_log_ratio[0, i])),
         propensity_z=float(traj.propensity_z[0, i]),
         min_votes=float(traj.min_votes[0, i]),

@@ -93,9 +93,10 @@ def _horizon_retire(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionSt
     # The week clears the bar but the hours after the first day do not: say so, or the
     # admins see a passing z and a retirement with no reason between them.
     early_only = (f", clearing {s.horizon_z:.2f}, but the hours after the first "
-                  f"{cfg.min_promotion_hours:g} h alone give z = {s.settled_z:.2f} (needs "
-                  f"{cfg.settled_min_z:g}): the gain did not last"
-                  if s.mh_z >= s.horizon_z and s.settled_z < cfg.settled_min_z else "")
+                  f"{math.ceil(cfg.min_promotion_hours)} h alone give z = {s.settled_z:.2f} "
+                  f"(needs {cfg.settled_min_z:g}): the gain did not last"
+                  if cfg.horizon_fallback and s.mh_z >= s.horizon_z
+                  and s.settled_z < cfg.settled_min_z else "")
     return (f"no decision after {s.elapsed_hours} h (E⁺ = {_e(s.e_plus)}, E⁻ = "
             f"{_e(s.e_minus)}, MH z = {s.mh_z:.2f}{early_only}); {_arms(snap, s)}; keeping "
             f"{snap.active_id}, retiring {snap.candidate_id}")
@@ -175,10 +176,10 @@ def _scorer_mismatch(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionS
 def _fading(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
     recent = (f"; the last {cfg.persistence_hours:g} h alone give z = {s.recent_z:.2f} "
               f"(needs {cfg.persistence_min_z:g})" if cfg.persistence_hours > 0 else "")
-    return (f"E⁺ = {_e(s.e_plus)} clears the bar, but it has grown {_e(s.e_growth)}× since "
-            f"the first {cfg.min_promotion_hours:g} h ended (needs {cfg.settled_growth:g}×)"
-            f"{recent}: holding, the advantage may have faded or not yet shown that it "
-            f"lasts; {_arms(snap, s)}")
+    return (f"E⁺ = {_e(s.e_plus)} clears the bar, but the hours after the first "
+            f"{math.ceil(cfg.min_promotion_hours)} h alone give e = {_e(s.settled_e)} (needs "
+            f"{cfg.settled_min_e:g}){recent}: holding, the advantage may have faded or not "
+            f"yet shown that it lasts; {_arms(snap, s)}")
 
 
 def _min_votes(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
