@@ -198,20 +198,21 @@ def fisher_e_process(
     values, log_w = prior.grid()
     grid = np.concatenate([values, -values])
     log_lr = fisher_log_lr(votes_a, correct_a, votes_b, correct_b, grid)
-    cum = np.cumsum(log_lr, axis=-2)
-    if design_effect is not None:
-        d = np.maximum(np.asarray(design_effect, dtype=np.float64), 1.0)
-        cum = cum / np.broadcast_to(d, cum.shape[:-1])[..., None]
+    raw = np.cumsum(log_lr, axis=-2)
+    d = (np.ones(raw.shape[:-1]) if design_effect is None else np.broadcast_to(
+        np.maximum(np.asarray(design_effect, dtype=np.float64), 1.0), raw.shape[:-1]))
+    cum = raw / d[..., None]
     g = values.size
+    log_e_plus = np.asarray(logsumexp(cum[..., :g] + log_w, axis=-1), dtype=np.float64)
     return EProcess(
-        log_e_plus=np.asarray(logsumexp(cum[..., :g] + log_w, axis=-1), dtype=np.float64),
+        log_e_plus=log_e_plus,
         log_e_minus=np.asarray(logsumexp(cum[..., g:] + log_w, axis=-1), dtype=np.float64),
         log_e_plus_later=(None if since is None else _later_log_e(
-            np.cumsum(log_lr[..., :g], axis=-2), log_w, design_effect, since)),
+            raw[..., :g], log_e_plus, log_w, d, since)),
     )
 
 
-def _later_log_e(cum: FloatArray, log_w: FloatArray, design_effect: npt.ArrayLike | None,
+def _later_log_e(cum: FloatArray, log_e_plus: FloatArray, log_w: FloatArray, d: FloatArray,
                  since: int) -> FloatArray:
     """Evidence that b is better from the strata after stratum ``since`` alone (persistence:
     an advantage confined to the strata up to ``since`` must not count).
@@ -219,8 +220,8 @@ def _later_log_e(cum: FloatArray, log_w: FloatArray, design_effect: npt.ArrayLik
     The average of two e-processes of the later strata, each a mixture over the grid of
     their running likelihood ratios with weights fixed when stratum ``since`` closed:
 
-    - the first stratum's posterior as the weights: E⁺(t) / E⁺(since). It keeps the head
-      start an early advantage gave a lasting gain of the same size;
+    - the posterior after the strata up to ``since`` as the weights: E⁺(t) / E⁺(since). It
+      keeps the head start an early advantage gave a lasting gain of the same size;
     - the prior itself: a fresh start. It does not bet against a lasting gain smaller than
       the early one, which the posterior would (measured by a review: +5 points lasting
       after a +15-point first day waited until the horizon with the posterior alone).
@@ -236,15 +237,13 @@ def _later_log_e(cum: FloatArray, log_w: FloatArray, design_effect: npt.ArrayLik
     day's end (in half the tests at 4 votes/h), which a review measured to change how often
     the bar is reached by 0.2 points at most."""
     slots = cum.shape[-2]
-    d = (np.ones(cum.shape[:-1]) if design_effect is None else np.broadcast_to(
-        np.maximum(np.asarray(design_effect, dtype=np.float64), 1.0), cum.shape[:-1]))
     if since < 0:
         reference = np.zeros_like(cum[..., :1, :])
     else:
         reference = cum[..., min(since, slots - 1):min(since, slots - 1) + 1, :]
     tempered_ref = reference / d[..., None]
-    posterior = (logsumexp(cum / d[..., None] + log_w, axis=-1)
-                 - logsumexp(tempered_ref + log_w, axis=-1))
+    # E⁺ (tempered by d_t) over the reference tempered by the same d_t.
+    posterior = log_e_plus - logsumexp(tempered_ref + log_w, axis=-1)
     fresh = logsumexp((cum - reference) / d[..., None] + log_w, axis=-1)
     both = np.logaddexp(posterior, fresh) - np.log(2.0)
     later = np.arange(slots) > since
