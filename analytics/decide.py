@@ -270,7 +270,7 @@ class DecisionConfig:
     parity_max_ratio: float = 1.5
     # Persistence window (0 = off): a promotion also needs the last persistence_hours alone
     # to point the same way (stratified z ≥ persistence_min_z). Off by default: beside
-    # settled_growth and settled_min_z it moved none of the novelty figures by more than a
+    # settled_min_e and settled_min_z it moved none of the novelty figures by more than a
     # point (advantages lasting 24, 48 or 72 h) and cost S1 +5 0.6 points of power (README,
     # persistence).
     persistence_hours: float = 0.0
