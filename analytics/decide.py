@@ -83,8 +83,13 @@ targets, so the promotion side keeps a bar of 2 standard errors (held only while
 accounts for ``propensity_share`` of the gain). Reverts, which may wait, wait 3.5 days
 (``min_revert_hours``), when a selection that fakes a 7-point deficit is about 2.6 standard
 errors from none (1.9 at 48 h). The line fit alone, which does not assume shared
-calibration, also holds either action at ``propensity_line_hold_z``. The README gives the
-measured trade-offs.
+calibration, also holds either action at ``propensity_line_hold_z``. A subtler selection
+is worse: one that fakes +5 points is promoted later, near the bar, when its estimate is no
+further from zero than the gain is, and 20% of such tests are promoted (7.9% for a fake
++10). After the whole week a fake +5 is only 2.8 standard errors of the estimate from a real
++5, so no rule that promotes 88% of real +5 gains can hold it to 1%; ``propensity_hold_z``
+and ``propensity_share`` trade power for protection. The README gives the measured
+trade-offs.
 
 Persistence (novelty). A candidate better only at first must not be promoted on the
 evidence its first day built. No promotion comes before ``min_promotion_hours`` (one

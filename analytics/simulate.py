@@ -139,6 +139,12 @@ SCENARIOS: dict[str, Scenario] = {
     "S_1_vote_per_hour": Scenario("S_1_vote_per_hour", 1.0),
     "S_few_heavy_voters": Scenario("S_few_heavy_voters", 20.0, users=200, user_bias_sd=0.6,
                                    user_activity_sd=1.5),
+    # Equal overall vote rates again, with a subtler selection that fakes +5 points, the
+    # size of a real gain the engine must find: the hardest case for the bands (at the
+    # horizon the selection estimate puts a fake +5 only about 2.9 standard errors from a
+    # real one). Last in the table, so the other scenarios keep their seeds.
+    "S_propensity_subtle": Scenario("S_propensity_subtle", 20.0,
+                                    propensity_right_b=1.0625, propensity_wrong_b=0.75),
 }
 # A verdict's confidence band depends on whether it is right, the same way in both arms
 # (the model's probability is informative): P(band | right), P(band | wrong); bands are

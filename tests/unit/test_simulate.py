@@ -21,7 +21,14 @@ def test_scenarios_follow_the_issue() -> None:
     assert set(SCENARIOS) == {"S1", "S2", "S3_up", "S3_down", "S5", "S1_clustered",
                               "S_group_votes", "S_viral", "S_propensity_right",
                               "S_propensity_wrong", "S_propensity_equal_rate", "S_novelty",
-                              "S_1_vote_per_hour", "S_few_heavy_voters"}
+                              "S_1_vote_per_hour", "S_few_heavy_voters", "S_propensity_subtle"}
+    # Equal overall vote rates at the base accuracy, selection that fakes +10 and +5 points.
+    for name, fake in (("S_propensity_equal_rate", 0.10), ("S_propensity_subtle", 0.05)):
+        sc = SCENARIOS[name]
+        p = sc.base_accuracy
+        rate = p * sc.propensity_right_b + (1 - p) * sc.propensity_wrong_b
+        assert rate == pytest.approx(1.0)
+        assert p * sc.propensity_right_b / rate - p == pytest.approx(fake)
     s3 = SCENARIOS["S3_up"].share()
     assert (s3[0], s3[24], s3[48], s3[-1]) == (0.10, 0.25, 0.50, 0.50)
     assert np.all(SCENARIOS["S5"].share() == 0.10)
