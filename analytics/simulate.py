@@ -141,7 +141,7 @@ SCENARIOS: dict[str, Scenario] = {
                                    user_activity_sd=1.5),
     # Equal overall vote rates again, with a subtler selection that fakes +5 points, the
     # size of a real gain the engine must find: the hardest case for the bands (at the
-    # horizon the selection estimate puts a fake +5 only about 2.9 standard errors from a
+    # horizon the selection estimate puts a fake +5 only about 2.8 standard errors from a
     # real one). Last in the table, so the other scenarios keep their seeds.
     "S_propensity_subtle": Scenario("S_propensity_subtle", 20.0,
                                     propensity_right_b=1.0625, propensity_wrong_b=0.75),

@@ -424,7 +424,10 @@ def test_a_lasting_gain_is_not_slowed_by_a_larger_first_day() -> None:
         assert (action == PROMOTE).mean() > 0.95
         hours.append(float(np.median(hour[action == PROMOTE])))
     assert hours[1] <= hours[0] + 12
-    # The same gain lasting the whole week grows well past the bar.
+
+
+def test_a_gain_lasting_the_week_clears_the_later_hours_bar() -> None:
+    from analytics.simulate import SCENARIOS, simulate_traffic
     lasting = simulate_traffic(SCENARIOS["S1"], 0.10, 200, np.random.default_rng(4), 10)
     settled = evaluate(lasting.arrays, CFG).log_e_settled
     assert (settled.max(axis=1) >= math.log(CFG.settled_min_e)).mean() > 0.95
