@@ -39,12 +39,14 @@ The policy at each hourly look, in order (first match wins):
 6. E⁺ ≥ K/alpha_promote_sequential with enough observations per arm (adapted to traffic),
    once the test is ``min_promotion_hours`` old, with persistence (the hours after the
    first day alone give e ≥ ``settled_min_e``) → **promote**, unless selection by
-   correctness could fake it (then hold);
+   correctness could fake it (then hold). With the paired comparison (below) E⁺ is the
+   paired one, and the votes must point the same way;
 7. at the horizon (``max_duration_hours``): stratified Mantel–Haenszel z ≥ the bar (a t
    reference with few voters), enough observations, and the hours after the first day
-   alone at z ≥ ``settled_min_z`` → **promote**; z ≤ −bar' →
-   **revert**; a promotion or revert that selection could fake → **freeze**; otherwise
-   **retire** (keep the active version);
+   alone at z ≥ ``settled_min_z`` → **promote** (with the paired comparison: its z, the
+   votes pointing the same way); where the paired comparison and the votes disagree →
+   **freeze** (before the horizon, hold); z ≤ −bar' → **revert**; a promotion or revert
+   that selection could fake → **freeze**; otherwise **retire** (keep the active version);
 8. the traffic plan allows a larger share → **ramp**;
 9. otherwise hold.
 
@@ -73,23 +75,36 @@ the guard is for when they are not, and it looks in two ways:
   while the estimate accounts for ``propensity_share`` of the voters' deficit; it
   freezes at ``propensity_freeze_z`` or at the horizon.
 
-What it cannot do: θ is identified only through the bands, so it is known less precisely
-than the odds ratio the accuracy evidence tests. A selection difference that fakes a
-10-point gain (θ_b/θ_a = 2.25) is about 3.4 standard errors from none after 48 h at 20
-votes/h, when a real 10-point gain must already be promoted, and the estimate's standard
-error is already at the Cramér–Rao bound of the banded counts. A promotion bar that holds
-such a candidate in 99% of tests would hold real 5-point gains too often for the power
-targets, so the promotion side keeps a bar of 2 standard errors (held only while selection
-accounts for ``propensity_share`` of the gain). Reverts, which may wait, wait 3.5 days
-(``min_revert_hours``), when a selection that fakes a 7-point deficit is about 2.6 standard
-errors from none (1.9 at 48 h). The line fit alone, which does not assume shared
-calibration, also holds either action at ``propensity_line_hold_z``. A subtler selection
-is worse: one that fakes +5 points is promoted later, near the bar, when its estimate is no
-further from zero than the gain is, and 20% of such tests are promoted (7.9% for a fake
-+10). After the whole week a fake +5 is only 2.8 standard errors of the estimate from a real
-+5, so no rule that promotes 88% of real +5 gains can hold it to 1%; ``propensity_hold_z``
-and ``propensity_share`` trade power for protection. The README gives the measured
-trade-offs.
+What it cannot do without the paired comparison: θ is identified only through the bands, so
+it is known less precisely than the odds ratio the accuracy evidence tests. A selection
+difference that fakes a 10-point gain (θ_b/θ_a = 2.25) is about 3.4 standard errors from
+none after 48 h at 20 votes/h, when a real 10-point gain must already be promoted, and the
+estimate's standard error is already at the Cramér–Rao bound of the banded counts. A
+promotion bar that holds such a candidate in 99% of tests would hold real 5-point gains too
+often for the power targets, so the promotion side keeps a bar of 2 standard errors (held
+only while selection accounts for ``propensity_share`` of the gain). Reverts, which may
+wait, wait 3.5 days (``min_revert_hours``), when a selection that fakes a 7-point deficit is
+about 2.6 standard errors from none (1.9 at 48 h). The line fit alone, which does not assume
+shared calibration, also holds either action at ``propensity_line_hold_z``. A subtler
+selection is worse: one that fakes +5 points is promoted later, near the bar, when its
+estimate is no further from zero than the gain is, and 20% of such tests are promoted (7.9%
+for a fake +10). After the whole week a fake +5 is only 2.8 standard errors of the estimate
+from a real +5, so no rule that promotes 88% of real +5 gains can hold it to 1%;
+``propensity_hold_z`` and ``propensity_share`` trade power for protection. The README gives
+the measured trade-offs.
+
+The paired comparison (:class:`PairedVotes`). The bot also scores every verdict that got
+feedback with the other arm's prompt. Among an arm's verdicts voted right, the share on which
+the other prompt is wrong is n10 / (n10 + n11) in the active arm and n01 / (n01 + n11) in the
+candidate's (n10: texts only the active prompt gets right, n01: only the candidate's, n11:
+both): the propensity to vote on a right verdict is one number within an arm and cancels,
+and the candidate is better exactly when the second share is the larger. Promotions are then
+decided on this comparison, so the selection by correctness that the bands see only
+imprecisely cannot fake one: a candidate that is only voted on differently is promoted in at
+most alpha_promote of tests. Persistence is asked of both the votes and the pairs, and the
+bands' guard below stays: added conditions. Reverts stay
+on the votes (the guard holds those that selection could fake). Without pairs (a replay of a
+log without ``other_label``, ``paired_comparison: false``) the votes decide, as described.
 
 Persistence (novelty). A candidate better only at first must not be promoted on the
 evidence its first day built. No promotion comes before ``min_promotion_hours`` (one
@@ -178,6 +193,10 @@ class Rule(StrEnum):
     HORIZON_WORSE = "horizon_worse"
     PROPENSITY = "propensity"  # who votes differs between the arms: frozen, not decided
     FADING = "fading"  # E⁺ crossed, but the hours after the first day alone do not carry it
+    # The paired comparison (both prompts on the same voted texts) and the votes disagree:
+    # one finds the candidate better, the other does not (who votes differs, or chance):
+    # held; at the horizon, frozen.
+    PAIRED = "paired"
     # Set by the bot, not by the policy: the candidate has no prompt file to analyse.
     MISSING_FILE = "missing_file"
     # Set by decide() from the snapshot's scorers, not by the vectorised policy: the arms'
@@ -271,6 +290,10 @@ class DecisionConfig:
     # that the arms share calibration) holds a promotion or a revert at this |z|, whatever
     # the combined estimate says.
     propensity_line_hold_z: float = 2.5
+    # The paired comparison: the bot also scores every verdict that got feedback with the
+    # other arm's prompt, and promotions are decided on how the two prompts do on the same
+    # voted texts (PairedVotes), which who votes cannot bias. Off: on the votes alone.
+    paired_comparison: bool = True
     # Kept for configuration files that set it; the propensity guard replaced the ratio bar.
     parity_max_ratio: float = 1.5
     # Persistence window (0 = off): a promotion also needs the last persistence_hours alone
@@ -431,6 +454,44 @@ class VoteBands:
 
 
 @dataclass(frozen=True)
+class PairedVotes:
+    """The paired comparison: observations whose text the *other* arm's prompt also scored,
+    per arm, shape (batch, hours). In arm a, ``right_a`` observations were voted right and
+    also scored by the candidate's prompt, ``right_other_wrong_a`` of them got another label
+    from it; ``wrong_a`` were voted wrong and scored, ``wrong_other_same_a`` of them got the
+    same label (so the other prompt was wrong too). Arm b likewise, the other prompt being
+    the active one's.
+
+    Why it cannot be fooled by who votes. Let n10 be the share of texts the active prompt
+    gets right and the candidate's wrong, n01 the reverse, n11 both right. Among arm a's
+    verdicts voted right, the other prompt is wrong on n10 / (n10 + n11) of them, and among
+    arm b's on n01 / (n01 + n11): whatever the propensity to vote on a right verdict is in
+    an arm, it is the same for all of that arm's right verdicts and cancels. The candidate is
+    more accurate exactly when n01 > n10, i.e. when the second share is the larger. Only
+    votes that say "correct" are used, so it needs no true label for a verdict voted wrong,
+    whatever the number of labels. The assumption: within an arm, whether a right verdict
+    gets a vote does not depend on whether the other prompt would have agreed.
+
+    The counts of verdicts voted wrong measure the propensities themselves: verdicts both
+    prompts get right (wrong) are the same texts in both arms, so their votes per served
+    verdict compare how readily each arm's right (wrong) verdicts are voted on."""
+
+    right_a: IntArray
+    right_other_wrong_a: IntArray
+    wrong_a: IntArray
+    wrong_other_same_a: IntArray
+    right_b: IntArray
+    right_other_wrong_b: IntArray
+    wrong_b: IntArray
+    wrong_other_same_b: IntArray
+    # Two labels only: a verdict voted wrong then has a known true label, so where the other
+    # prompt differs it is right, and verdicts voted wrong are evidence too (the arms swap
+    # roles: the active arm's share of "other right" is the larger when the candidate is
+    # better; the propensity cancels within them just the same).
+    two_labels: bool = False
+
+
+@dataclass(frozen=True)
 class ExperimentArrays:
     """Hourly aggregates of a batch of experiments: shape (batch, hours), hour 0 = start.
 
@@ -471,6 +532,8 @@ class ExperimentArrays:
     design_effect: FloatArray
     clusters: FloatArray | None = None
     bands: VoteBands | None = None
+    # The paired comparison (None: the verdicts were not scored by the other prompt).
+    pairs: PairedVotes | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -483,7 +546,7 @@ class ExperimentArrays:
             raise ValueError("arrays must be (batch, hours)")
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
-            if name == "bands" or value is None:
+            if name in ("bands", "pairs") or value is None:
                 continue
             if value.shape != shape:
                 raise ValueError(f"{name} has shape {value.shape}, expected {shape}")
@@ -491,6 +554,17 @@ class ExperimentArrays:
             for name in self.bands.__dataclass_fields__:
                 if getattr(self.bands, name).shape[:2] != shape:
                     raise ValueError(f"bands.{name} must start with shape {shape}")
+        if self.pairs is not None:
+            for name in self.pairs.__dataclass_fields__:
+                if name != "two_labels" and getattr(self.pairs, name).shape != shape:
+                    raise ValueError(f"pairs.{name} must have shape {shape}")
+            for arm in ("a", "b"):
+                for total, part in (("right", "right_other_wrong"),
+                                    ("wrong", "wrong_other_same")):
+                    whole = getattr(self.pairs, f"{total}_{arm}")
+                    if np.any(getattr(self.pairs, f"{part}_{arm}") > whole) or np.any(
+                            getattr(self.pairs, f"{part}_{arm}") < 0):
+                        raise ValueError(f"pairs.{part}_{arm} must be within pairs.{total}_{arm}")
         if np.any(self.correct_a > self.votes_a) or np.any(self.correct_b > self.votes_b):
             raise ValueError("correct votes exceed votes")
         if np.any(self.votes_a < 0) or np.any(self.votes_b < 0) or np.any(self.correct_a < 0):
@@ -526,6 +600,13 @@ class Trajectory:
     # log e that the candidate is better from the hours after the first
     # min_promotion_hours alone (persistence).
     log_e_settled: FloatArray
+    # The paired comparison: log e that the candidate is better, its stratified z, and how
+    # readily the candidate's right and wrong verdicts are voted on relative to the active
+    # one's (NaN without pairs).
+    log_e_paired: FloatArray
+    paired_z: FloatArray
+    paired_right_vote_ratio: FloatArray
+    paired_wrong_vote_ratio: FloatArray
     # The horizon test's bars at each look (a t reference with few clusters).
     horizon_z: FloatArray
     horizon_revert_z: FloatArray
@@ -618,6 +699,100 @@ def _accuracy_evidence(data: ExperimentArrays, config: DecisionConfig,
                              _recent_z(data, config.persistence_hours, deff),
                              _settled_z(data, config.min_promotion_hours, deff),
                              both.log_e_plus_later[:, 1::2])
+
+
+@dataclass(frozen=True)
+class _PairedEvidence:
+    """The paired comparison at each look (see :class:`PairedVotes`)."""
+
+    present: bool
+    log_e_plus: FloatArray
+    z: FloatArray
+    right_vote_ratio: FloatArray
+    wrong_vote_ratio: FloatArray
+    # Persistence on the same comparison: log e and z of the hours after the first
+    # min_promotion_hours alone (as _AccuracyEvidence's).
+    log_e_settled: FloatArray
+    settled_z: FloatArray
+
+
+def _paired_evidence(data: ExperimentArrays, config: DecisionConfig,
+                     deff: FloatArray) -> _PairedEvidence:
+    """E⁺ and the stratified z of the paired comparison, and the vote-propensity ratios.
+
+    Each arm's "successes" are its verdicts voted right on which the other prompt is wrong:
+    the candidate is better when its share is the larger (E⁺ of the same Fisher e-process
+    as the accuracy evidence, over hourly blocks, tempered by the same design effect). The
+    ratios: among votes that say "correct", those on texts both prompts get right, per served
+    verdict, candidate over active (and likewise for texts both get wrong)."""
+    pairs = data.pairs
+    nan = np.full(data.shape, np.nan)
+    if pairs is None or not config.paired_comparison:
+        return _PairedEvidence(False, np.zeros(data.shape), nan, nan, nan.copy(),
+                               np.zeros(data.shape), nan.copy())
+    # (n_a, x_a, n_b, x_b) of each table, "b" the side that is larger when the candidate is
+    # better: voted right, the other prompt wrong; with two labels also voted wrong, the
+    # other prompt right (then the active arm's share is the larger: the arms swap roles).
+    tables = [(pairs.right_a, pairs.right_other_wrong_a, pairs.right_b,
+               pairs.right_other_wrong_b)]
+    if pairs.two_labels:
+        tables.append((pairs.wrong_b, pairs.wrong_b - pairs.wrong_other_same_b,
+                       pairs.wrong_a, pairs.wrong_a - pairs.wrong_other_same_a))
+    closed: list[list[IntArray]] = [[], [], [], []]
+    pending: list[list[IntArray]] = [[], [], [], []]
+    for table in tables:
+        blocks = block_strata(dict(zip(("na", "xa", "nb", "xb"), table, strict=True)),
+                              data.planned_share, ("na", "nb"), config.min_stratum_votes,
+                              config.max_stratum_hours)
+        for i, key in enumerate(("na", "xa", "nb", "xb")):
+            closed[i].append(blocks.closed[key])
+            pending[i].append(blocks.open[key])
+    # The tables' blocks interleaved: slot (2t + 1)·T + T − 1 closes look t.
+    width = len(tables)
+    batch, hours = data.shape
+    slots = [np.stack(parts, axis=-1).reshape(batch, 2 * hours * width) for parts in closed]
+    # Persistence: the strata closed after the first min_promotion_hours (the last slot of
+    # look first − 1 is (2·first − 1)·W + W − 1).
+    first = math.ceil(config.min_promotion_hours)
+    since = 2 * first * width - 1
+    process = fisher_e_process(slots[0], slots[1], slots[2], slots[3], config.prior(),
+                               design_effect=np.repeat(deff, 2 * width, axis=1), since=since)
+    assert process.log_e_plus_later is not None
+    terms = mh_terms(*slots)
+    sums = [np.cumsum(t, axis=1)[:, 2 * width - 1::2 * width] for t in terms]
+    open_terms = [mh_terms(*(parts[j] for parts in pending)) for j in range(width)]
+    mh = mh_from_sums(*(c + sum(terms_j[i] for terms_j in open_terms)
+                        for i, c in enumerate(sums)))
+    later = np.arange(2 * hours * width)[None, :] > since
+    settled = mh_from_sums(*(np.cumsum(np.where(later, t, 0.0), axis=1)[:, 2 * width - 1::2 * width]
+                             for t in terms))
+    log_e = process.log_e_plus[:, 2 * width - 1::2 * width]
+    log_e_settled = process.log_e_plus_later[:, 2 * width - 1::2 * width]
+
+    def cum(x: npt.ArrayLike) -> FloatArray:
+        return np.cumsum(np.asarray(x, dtype=np.float64), axis=1)
+
+    def per_served(part: IntArray, scored: IntArray, voted: FloatArray,
+                   served: IntArray) -> FloatArray:
+        # The share of scored observations with this outcome, times all such observations
+        # per served verdict (robust to a few observations left unscored).
+        return _ratio(_ratio(cum(part), cum(scored)) * voted, cum(served))
+
+    right_a, right_b = cum(data.correct_a), cum(data.correct_b)
+    wrong_a = cum(data.votes_a) - right_a
+    wrong_b = cum(data.votes_b) - right_b
+    both_right_a = per_served(pairs.right_a - pairs.right_other_wrong_a, pairs.right_a,
+                              right_a, data.served_a)
+    both_right_b = per_served(pairs.right_b - pairs.right_other_wrong_b, pairs.right_b,
+                              right_b, data.served_b)
+    both_wrong_a = per_served(pairs.wrong_other_same_a, pairs.wrong_a, wrong_a, data.served_a)
+    both_wrong_b = per_served(pairs.wrong_other_same_b, pairs.wrong_b, wrong_b, data.served_b)
+    return _PairedEvidence(True, np.asarray(log_e, dtype=np.float64),
+                           np.asarray(np.nan_to_num(mh.z) / np.sqrt(deff), dtype=np.float64),
+                           _ratio(both_right_b, both_right_a), _ratio(both_wrong_b, both_wrong_a),
+                           np.asarray(log_e_settled, dtype=np.float64),
+                           np.asarray(np.nan_to_num(settled.z) / np.sqrt(deff),
+                                      dtype=np.float64))
 
 
 _CUMULATIVE = ("votes_a", "correct_a", "votes_b", "correct_b", "served_a", "served_b", "up_a",
@@ -824,6 +999,7 @@ def _accounts_for(selection: FloatArray, log_or: FloatArray,
 
 def _choose(data: ExperimentArrays, config: DecisionConfig, k: int, acc: _AccuracyEvidence,
             guard: _Guardrails, bars: _Bars, target: FloatArray, share_now: FloatArray,
+            paired: _PairedEvidence,
             ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.int8]]:
     """The policy: each look's action and rule, the first matching rule in policy order."""
     batch, hours = data.shape
@@ -868,13 +1044,35 @@ def _choose(data: ExperimentArrays, config: DecisionConfig, k: int, acc: _Accura
     # Persistence (novelty): the hours after the first day alone must carry the gain too,
     # by their own e-value before the horizon and by their own z at it.
     recent_ok = acc.recent_z >= config.persistence_min_z
+    # With the paired comparison deciding, the later hours must carry the gain in it too.
     lasting = recent_ok & ((config.settled_min_e <= 1)
                            | (acc.log_e_settled >= math.log(config.settled_min_e)))
     horizon_lasting = recent_ok & (acc.settled_z >= config.settled_min_z)
+    if paired.present:
+        lasting &= (config.settled_min_e <= 1) | (
+            paired.log_e_settled >= math.log(config.settled_min_e))
+        horizon_lasting &= paired.settled_z >= config.settled_min_z
     # Before a full day-night cycle E⁺ is not acted on (it still accumulates): collecting.
-    better = (acc.log_e_plus >= math.log(k / config.alpha_promote_sequential)) & (
-        elapsed >= config.min_promotion_hours)
-    horizon_better = config.horizon_fallback & (acc.mh_z >= bars.horizon_z)
+    vote_bar = math.log(k / config.alpha_promote_sequential)
+    day_old = elapsed >= config.min_promotion_hours
+    votes_better = (acc.log_e_plus >= vote_bar) & day_old
+    votes_horizon = config.horizon_fallback & (acc.mh_z >= bars.horizon_z)
+    if paired.present:
+        # With the paired comparison (PairedVotes) the promotion evidence is its own: who
+        # votes cannot bias it, so the false-promotion budget holds however the arms are
+        # voted on. The votes must point the same way. Where the two views disagree (one
+        # finds the candidate better, the other does not), a difference in who votes is
+        # the likely reason: hold, and at the horizon freeze for a person to look.
+        paired_better = (paired.log_e_plus >= vote_bar) & day_old
+        paired_horizon = config.horizon_fallback & (paired.z >= bars.horizon_z)
+        votes_agree = acc.mh_z > 0
+        better = paired_better & votes_agree
+        horizon_better = paired_horizon & votes_agree
+        disagree = (((paired_better | paired_horizon) & ~votes_agree)
+                    | ((votes_better | votes_horizon) & ~(paired_better | paired_horizon)))
+    else:
+        better, horizon_better = votes_better, votes_horizon
+        disagree = np.zeros((batch, hours), dtype=np.bool_)
     horizon_worse = config.horizon_fallback & (acc.mh_z <= -bars.horizon_revert_z)
     ramp = target > share_now + 1e-9
     # Selection by correctness (θ_b / θ_a) pointing the way that would fake the decision at
@@ -919,9 +1117,11 @@ def _choose(data: ExperimentArrays, config: DecisionConfig, k: int, acc: _Accura
         (better & enough & lasting & ~fakes_up, PROMOTE, Rule.EVIDENCE_BETTER),
         (better & enough & lasting, HOLD, Rule.PARITY),
         (at_horizon & horizon_better & enough & horizon_lasting, PROMOTE, Rule.HORIZON_MH),
+        (at_horizon & disagree, FREEZE, Rule.PAIRED),
         (at_horizon & horizon_worse, REVERT, Rule.HORIZON_WORSE),
         (at_horizon, RETIRE, Rule.HORIZON_RETIRE),
         (better & enough, HOLD, Rule.FADING),
+        (disagree, HOLD, Rule.PAIRED),
         (better, HOLD, Rule.MIN_VOTES),
         (ramp, RAMP, Rule.RAMP),
     ]
@@ -959,7 +1159,8 @@ def evaluate(
                  else np.broadcast_to(np.asarray(current_share, dtype=np.float64),
                                       (batch, hours)))
     bars = _bars(data, config, k, guard)
-    action, rule = _choose(data, config, k, acc, guard, bars, target, share_now)
+    paired = _paired_evidence(data, config, deff)
+    action, rule = _choose(data, config, k, acc, guard, bars, target, share_now, paired)
     return Trajectory(
         action=action,
         rule=rule,
@@ -978,6 +1179,10 @@ def evaluate(
         recent_z=acc.recent_z,
         settled_z=acc.settled_z,
         log_e_settled=acc.log_e_settled,
+        log_e_paired=paired.log_e_plus,
+        paired_z=paired.z,
+        paired_right_vote_ratio=paired.right_vote_ratio,
+        paired_wrong_vote_ratio=paired.wrong_vote_ratio,
         horizon_z=bars.horizon_z,
         horizon_revert_z=bars.horizon_revert_z,
         min_votes=bars.min_votes,
@@ -1025,8 +1230,20 @@ class HourStats:
     bands_served_b: tuple[int, ...] = ()
     bands_observed_b: tuple[int, ...] = ()
     bands_correct_b: tuple[int, ...] = ()
+    # The paired comparison (PairedVotes): observations whose text the other arm's prompt
+    # also scored, by the vote and by whether the other prompt gave the same label.
+    paired_right_a: int = 0
+    paired_right_other_wrong_a: int = 0
+    paired_wrong_a: int = 0
+    paired_wrong_other_same_a: int = 0
+    paired_right_b: int = 0
+    paired_right_other_wrong_b: int = 0
+    paired_wrong_b: int = 0
+    paired_wrong_other_same_b: int = 0
 
 
+PAIRED_FIELDS = ("right_a", "right_other_wrong_a", "wrong_a", "wrong_other_same_a",
+                 "right_b", "right_other_wrong_b", "wrong_b", "wrong_other_same_b")
 BAND_FIELDS = ("bands_served_a", "bands_observed_a", "bands_correct_a", "bands_served_b",
                "bands_observed_b", "bands_correct_b")
 # Confidence bands of a verdict: below 0.7, up to 0.9, from 0.9 (the verdict's probability).
@@ -1068,6 +1285,11 @@ class ExperimentSnapshot:
     # does not know (the simulation, a replay): then nothing is checked.
     scorers_a: Mapping[str, int] = field(default_factory=dict)
     scorers_b: Mapping[str, int] = field(default_factory=dict)
+    # The voted verdicts are also scored by the other arm's prompt (the strata's paired_*
+    # counts): promotions are then decided on the paired comparison (PairedVotes);
+    # ``two_labels`` when the prompts choose between two labels only.
+    paired: bool = False
+    two_labels: bool = False
 
 
 @dataclass(frozen=True)
@@ -1111,6 +1333,18 @@ class DecisionStats:
     # wrong ones, estimated through the confidence bands) and its z (0: not determined).
     propensity_ratio: float
     propensity_z: float
+    # The paired comparison (None without one): its e-value that the candidate is better,
+    # its z, and how readily the candidate's right and wrong verdicts are voted on relative
+    # to the active one's (votes per served verdict on texts both prompts get right / wrong).
+    paired_e: float | None
+    paired_z: float | None
+    paired_right_vote_ratio: float | None
+    paired_wrong_vote_ratio: float | None
+    # Observations (both arms) whose text the other prompt has scored (None: unpaired), and
+    # the share of those voted right on which the other prompt gives another label (how much
+    # the prompts disagree: the more, the weaker the paired comparison).
+    paired_scored: int | None
+    paired_disagreement: float | None
     min_votes: float
     reactions_e: float
     down_ratio: float | None
@@ -1195,12 +1429,25 @@ def snapshot_arrays(snapshot: ExperimentSnapshot) -> tuple[ExperimentArrays, Flo
         down_b=ints["down_b"], latency_n_a=ints["latency_n_a"],
         latency_sum_a=floats["latency_sum_a"], latency_n_b=ints["latency_n_b"],
         latency_sum_b=floats["latency_sum_b"], design_effect=deff, clusters=clusters,
-        bands=_snapshot_bands(snapshot, hours),
+        bands=_snapshot_bands(snapshot, hours), pairs=_snapshot_pairs(snapshot, hours),
     )
     current = filled.copy()
     if hours:
         current[0, -1] = snapshot.planned_share
     return arrays, current
+
+
+def _snapshot_pairs(snapshot: ExperimentSnapshot, hours: int) -> PairedVotes | None:
+    """The strata's paired counts as (1, hours) arrays; None unless the snapshot is paired."""
+    if not snapshot.paired:
+        return None
+    arrays = {name: np.zeros((1, hours), dtype=np.int64) for name in PAIRED_FIELDS}
+    for row in snapshot.strata:
+        i = row.hour - snapshot.start_hour
+        if 0 <= i < hours:
+            for name, arr in arrays.items():
+                arr[0, i] += int(getattr(row, f"paired_{name}"))
+    return PairedVotes(**arrays, two_labels=snapshot.two_labels)
 
 
 def _snapshot_bands(snapshot: ExperimentSnapshot, hours: int) -> VoteBands | None:
@@ -1313,6 +1560,12 @@ def _stats_at(traj: Trajectory, i: int, snapshot: ExperimentSnapshot, config: De
         settled_e=e_value(traj.log_e_settled),
         propensity_ratio=math.exp(float(traj.propensity_log_ratio[0, i])),
         propensity_z=float(traj.propensity_z[0, i]),
+        paired_e=e_value(traj.log_e_paired) if snapshot.paired else None,
+        paired_z=nan_none(traj.paired_z) if snapshot.paired else None,
+        paired_right_vote_ratio=nan_none(traj.paired_right_vote_ratio),
+        paired_wrong_vote_ratio=nan_none(traj.paired_wrong_vote_ratio),
+        paired_scored=_paired_scored(snapshot, i) if snapshot.paired else None,
+        paired_disagreement=_paired_disagreement(snapshot, i) if snapshot.paired else None,
         min_votes=float(traj.min_votes[0, i]),
         reactions_e=e_value(traj.log_e_reactions),
         down_ratio=nan_none(traj.down_ratio),
@@ -1321,3 +1574,24 @@ def _stats_at(traj: Trajectory, i: int, snapshot: ExperimentSnapshot, config: De
         target_share=float(traj.target_share[0, i]),
         concurrent_candidates=k,
     )
+
+
+def _paired_rows(snapshot: ExperimentSnapshot, i: int) -> list[HourStats]:
+    end = snapshot.start_hour + i + 1
+    return [row for row in snapshot.strata if snapshot.start_hour <= row.hour < end]
+
+
+def _paired_scored(snapshot: ExperimentSnapshot, i: int) -> int:
+    """Observations up to look ``i`` whose text the other prompt has scored."""
+    return sum(row.paired_right_a + row.paired_wrong_a + row.paired_right_b
+               + row.paired_wrong_b for row in _paired_rows(snapshot, i))
+
+
+def _paired_disagreement(snapshot: ExperimentSnapshot, i: int) -> float | None:
+    """Among scored observations voted right up to look ``i``, the share the other prompt
+    labels differently (None before there is one)."""
+    rows = _paired_rows(snapshot, i)
+    right = sum(row.paired_right_a + row.paired_right_b for row in rows)
+    differ = sum(row.paired_right_other_wrong_a + row.paired_right_other_wrong_b
+                 for row in rows)
+    return differ / right if right else None

@@ -5,14 +5,18 @@ A log holds one or more runs (experiments), each a time-ordered list of events:
 - ``share``: the candidate's share in force from ``at``;
 - ``verdict``: a verdict served (``arm`` active or candidate, ``interaction``, ``user``,
   ``text`` — any key equal for the same or near-identical text —, ``label``,
-  ``confidence``);
+  ``confidence``; optionally ``other_label``, the label the other arm's prompt gives the same
+  text, and ``labels``, how many labels the prompts choose from);
 - ``vote``: feedback on an interaction (``user``, ``correct``);
 - ``reaction``: 👍/👎 on an interaction's reply (``user``, ``polarity`` ±1).
 
 Each run is aggregated exactly as the bot aggregates its database: hours from the run's first
 event, served verdicts and new users in the hour they were served, one observation per voted
 verdict (:mod:`analytics.observations`) with the per-user and per-text daily caps, the design
-effect over voters and text clusters so far, reactions in the hour first given. The engine's
+effect over voters and text clusters so far, reactions in the hour first given. When
+verdicts carry ``other_label``, the observations also make the paired comparison
+(:class:`analytics.decide.PairedVotes`; with ``labels`` 2 on every such verdict, its
+two-label form), as the bot's does. The engine's
 vectorised core (:func:`analytics.decide.evaluate`, which the bot's ``decide`` calls) then
 takes every hourly look; the run's result is its first promote, revert, retire or freeze.
 """
@@ -30,9 +34,11 @@ from analytics.decide import (
     ACTIONS,
     BAND_EDGES,
     HOLD,
+    PAIRED_FIELDS,
     RULES,
     DecisionConfig,
     ExperimentArrays,
+    PairedVotes,
     Trajectory,
     VoteBands,
     band_of,
@@ -191,6 +197,10 @@ class _Aggregates:
             "served_a", "observed_a", "correct_a", "served_b", "observed_b", "correct_b")}
         self.deff = np.ones((1, hours))
         self.clusters = np.zeros((1, hours))
+        self.pairs = {k: np.zeros((1, hours), dtype=np.int64) for k in PAIRED_FIELDS}
+        # Whether the log carries the paired comparison, and in its two-label form.
+        self.paired = False
+        self.two_labels = False
 
     def hour(self, at: float, start: float) -> int | None:
         h = int((at - start) // HOUR_S)
@@ -209,7 +219,9 @@ class _Aggregates:
             design_effect=self.deff, clusters=self.clusters,
             bands=VoteBands(served_a=b["served_a"], observed_a=b["observed_a"],
                             correct_a=b["correct_a"], served_b=b["served_b"],
-                            observed_b=b["observed_b"], correct_b=b["correct_b"]))
+                            observed_b=b["observed_b"], correct_b=b["correct_b"]),
+            pairs=PairedVotes(**self.pairs, two_labels=self.two_labels) if self.paired
+            else None)
 
 
 def _served(agg: _Aggregates, log: RunLog, start: float) -> None:
@@ -243,11 +255,17 @@ def _feedback(agg: _Aggregates, log: RunLog, start: float, arm_of: Mapping[Any, 
     text_of = {ids[e["interaction"]]: e.get("text") for e in log.verdicts}
     cluster_of = {i: ("text", t) for i, t in text_of.items() if t is not None}
     band = {ids[e["interaction"]]: band_of(_confidence(e)) for e in log.verdicts}
+    other = {ids[e["interaction"]]: e.get("label") != e["other_label"]
+             for e in log.verdicts if e.get("other_label") is not None}
+    if other:
+        agg.paired = True
+        agg.two_labels = all(e.get("labels") == 2 for e in log.verdicts
+                             if e.get("other_label") is not None)
     obs = cap_per_text_day(
         observations([VoteEvent(ids[v["interaction"]], _user(v["user"]), float(v["at"]),
                                 bool(v["correct"])) for v in kept]),
         cluster_of, arm_by_id, config.max_observations_per_text_day)
-    _file(agg, obs, start, arm_by_id, band)
+    _file(agg, obs, start, arm_by_id, band, other)
     _running_clusters(agg, obs, start, arm_by_id, cluster_of)
 
 
@@ -256,7 +274,8 @@ def _user(value: Any) -> int:
 
 
 def _file(agg: _Aggregates, obs: Sequence[Observation], start: float,
-          arm_by_id: Mapping[int, int], band: Mapping[int, int]) -> None:
+          arm_by_id: Mapping[int, int], band: Mapping[int, int],
+          other_differs: Mapping[int, bool]) -> None:
     for o in obs:
         h = agg.hour(o.at, start)
         if h is None:
@@ -266,6 +285,15 @@ def _file(agg: _Aggregates, obs: Sequence[Observation], start: float,
         agg.ints[f"correct_{arm}"][0, h] += int(o.correct)
         agg.bands[f"observed_{arm}"][0, h, band[o.interaction]] += 1
         agg.bands[f"correct_{arm}"][0, h, band[o.interaction]] += int(o.correct)
+        differs = other_differs.get(o.interaction)
+        if differs is None:
+            continue
+        if o.correct:
+            agg.pairs[f"right_{arm}"][0, h] += 1
+            agg.pairs[f"right_other_wrong_{arm}"][0, h] += int(differs)
+        else:
+            agg.pairs[f"wrong_{arm}"][0, h] += 1
+            agg.pairs[f"wrong_other_same_{arm}"][0, h] += int(not differs)
 
 
 def _running_clusters(agg: _Aggregates, obs: Sequence[Observation], start: float,

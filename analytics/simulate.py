@@ -37,6 +37,7 @@ from analytics.decide import (
     REVERT,
     DecisionConfig,
     ExperimentArrays,
+    PairedVotes,
     VoteBands,
     evaluate,
 )
@@ -89,6 +90,11 @@ class Scenario:
     # hour's traffic in one hour; each arm classifies every copy the same way.
     viral_bursts: int = 0
     viral_factor: float = 0.0
+    # The paired comparison: the share of texts the two prompts label differently when they
+    # are equally accurate (at least the accuracy difference). Two prompts of one model
+    # disagree on a minority of texts; 20% is on the cautious side (more disagreement makes
+    # the paired test weaker, not biased).
+    discordance: float = 0.20
 
     @property
     def banded(self) -> bool:
@@ -180,10 +186,13 @@ def simulate_arrays(
 
 def simulate_traffic(
     scenario: Scenario, effect: float, runs: int, rng: np.random.Generator, cap: int,
-    text_cap: int = 3,
+    text_cap: int = 3, pair_rng: np.random.Generator | None = None,
 ) -> Traffic:
     """The scenario's traffic for ``runs`` experiments: the engine's observations and the
-    raw votes, drawn from one model of who is served, who votes and what is right."""
+    raw votes, drawn from one model of who is served, who votes and what is right.
+
+    The paired comparison (what the other arm's prompt says on each voted text) is drawn
+    last, from ``pair_rng`` when given (so adding it left every other draw as it was)."""
     share = scenario.share()
     p_a = np.clip(scenario.accuracy(), 0.01, 0.99)
     p_b = np.clip(p_a + scenario.effect_curve(effect), 0.01, 0.99)
@@ -235,8 +244,35 @@ def simulate_traffic(
         up_a=react_a - down_a, down_a=down_a, up_b=react_b - down_b, down_b=down_b,
         latency_n_a=served_a, latency_sum_a=lat_a, latency_n_b=served_b, latency_sum_b=lat_b,
         design_effect=deff, clusters=clusters, bands=bands,
+        pairs=_paired_votes(scenario, counts, p_a, p_b, pair_rng or rng),
     )
     return Traffic(arrays, raw["va"], raw["xa"], raw["vb"], raw["xb"])
+
+
+def _paired_votes(scenario: Scenario, counts: dict[str, IntArray], p_a: FloatArray,
+                  p_b: FloatArray, rng: np.random.Generator) -> PairedVotes:
+    """What the other arm's prompt says on each observation's text, every one scored.
+
+    The two prompts' joint correctness per hour: they disagree on d = max(discordance,
+    |p_b − p_a|) of the texts, n01 = (d + Δ)/2 where only the candidate is right and
+    n10 = (d − Δ)/2 where only the active prompt is. Given that an arm's verdict was voted
+    right, the other prompt is wrong with n10 / p_a (arm a) or n01 / p_b (arm b); given it
+    was voted wrong, the other is wrong too with n00 / (1 − p). Who votes depends only on
+    the shown verdict's correctness (as in the scenarios), so these are the true conditional
+    shares. Each observation is drawn on its own (a viral text's copies are not tied)."""
+    delta = p_b - p_a
+    d = np.maximum(scenario.discordance, np.abs(delta))
+    n01, n10 = (d + delta) / 2, (d - delta) / 2
+    n00 = np.clip(1.0 - p_a - n01, 0.0, 1.0)
+    right_a, right_b = counts["xa"], counts["xb"]
+    wrong_a, wrong_b = counts["va"] - right_a, counts["vb"] - right_b
+    return PairedVotes(
+        right_a=right_a, right_other_wrong_a=rng.binomial(right_a, np.clip(n10 / p_a, 0, 1)),
+        wrong_a=wrong_a, wrong_other_same_a=rng.binomial(wrong_a, np.clip(n00 / (1 - p_a), 0, 1)),
+        right_b=right_b, right_other_wrong_b=rng.binomial(right_b, np.clip(n01 / p_b, 0, 1)),
+        wrong_b=wrong_b, wrong_other_same_b=rng.binomial(wrong_b, np.clip(n00 / (1 - p_b), 0, 1)),
+        two_labels=True,
+    )
 
 
 def _independent_design_effect(
@@ -472,12 +508,13 @@ def simulate(
         for e_i, (effect_name, effect) in enumerate(EFFECTS.items()):
             # One seed per (scenario, effect): results do not depend on which scenarios run.
             rng = np.random.default_rng([seed, list(SCENARIOS).index(name), e_i])
+            pair_rng = np.random.default_rng([seed, list(SCENARIOS).index(name), e_i, 1])
             parts: list[dict[str, Outcomes]] = []
             for start in range(0, runs, chunk):
                 n = min(chunk, runs - start)
                 traffic = simulate_traffic(scenario, effect, n, rng,
                                            config.max_votes_per_user_day,
-                                           config.max_observations_per_text_day)
+                                           config.max_observations_per_text_day, pair_rng)
                 parts.append(run_methods(traffic, config))
             results[effect_name] = {
                 m: Outcomes(np.concatenate([p[m].outcome for p in parts]),
@@ -497,7 +534,8 @@ LOG_START = 1_700_006_400.0  # an hour boundary: the log's hours are the simulat
 
 def run_events(traffic: Traffic, scenario: Scenario, run: int) -> list[dict[str, Any]]:
     """One simulated run as the event log ``loopbot replay`` reads: the same served verdicts
-    (with their confidence bands), new users, votes and 👍/👎 hour by hour, so the replay
+    (with their confidence bands and, on voted ones, the other prompt's label), new users,
+    votes and 👍/👎 hour by hour, so the replay
     aggregates back exactly to what the simulation handed the engine. Only for scenarios
     whose every vote comes from a voter of its own (no user population, groups or viral
     copies: their vote-level structure is not kept by the simulation)."""
@@ -550,6 +588,15 @@ def _hour_events(data: ExperimentArrays, run: int, hour: int, arm: str, suffix: 
     up = int(getattr(data, f"up_{suffix}")[run, hour])
     down = int(getattr(data, f"down_{suffix}")[run, hour])
     base = LOG_START + hour * 3600.0
+    pairs = data.pairs
+    # The paired comparison's counts of the hour, handed out to the hour's observations in
+    # order: the first ones voted right get another label from the other prompt, the first
+    # ones voted wrong the same label.
+    right_differs = 0 if pairs is None else int(
+        getattr(pairs, f"right_other_wrong_{suffix}")[run, hour])
+    wrong_same = 0 if pairs is None else int(
+        getattr(pairs, f"wrong_other_same_{suffix}")[run, hour])
+    seen_right = seen_wrong = 0
     out: list[dict[str, Any]] = []
     verdicts: list[int] = []
     fresh: list[int] = []
@@ -566,13 +613,24 @@ def _hour_events(data: ExperimentArrays, run: int, hour: int, arm: str, suffix: 
             at = base + 1.0 + count * 0.5 + (0.25 if suffix == "b" else 0.0)
             count += 1
             verdicts.append(interaction)
-            out.append({"kind": "verdict", "run": str(run), "at": at, "arm": arm,
-                        "interaction": interaction, "user": user, "text": f"t{interaction}",
-                        "label": "positive", "confidence": BAND_CONFIDENCE[band]})
+            verdict = {"kind": "verdict", "run": str(run), "at": at, "arm": arm,
+                       "interaction": interaction, "user": user, "text": f"t{interaction}",
+                       "label": "positive", "confidence": BAND_CONFIDENCE[band]}
+            out.append(verdict)
             if k < voted:
+                is_right = k < right
+                if pairs is not None:
+                    if is_right:
+                        differs = seen_right < right_differs
+                        seen_right += 1
+                    else:
+                        differs = seen_wrong >= wrong_same
+                        seen_wrong += 1
+                    verdict["other_label"] = "negative" if differs else "positive"
+                    verdict["labels"] = 2
                 out.append({"kind": "vote", "run": str(run), "at": at + 1800.0,
                             "interaction": interaction, "user": ids.new(),
-                            "correct": k < right})
+                            "correct": is_right})
     ids.seen += fresh
     for i, polarity in enumerate([1] * up + [-1] * down):
         out.append({"kind": "reaction", "run": str(run), "at": base + 3000.0 + i * 0.1,

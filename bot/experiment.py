@@ -28,6 +28,13 @@ What an experiment is, as read from the database
   scorers were recorded count as one scorer, "unrecorded". Arms scored differently are held,
   not decided (:func:`analytics.decide.decide`, rule ``SCORER_MISMATCH``), and the admins
   are told once.
+- The paired comparison (``experiment.paired_comparison``): the scheduled job first scores
+  every voted verdict of the test with the other arm's prompt (:mod:`bot.pairing`, table
+  ``paired_labels``). Each observation counted above whose verdict was so scored, by the
+  scorer that made the verdict, is counted again by its vote and by whether the other prompt
+  gave the same label (``HourStats.paired_*``, in the observation's hour). It needs prompts
+  whose labels correspond (:func:`bot.prompts.label_correspondence`); without, the test is
+  decided on its votes alone (``ExperimentSnapshot.paired`` False).
 
 How decisions are applied
 -------------------------
@@ -80,9 +87,15 @@ from analytics.observations import (
 )
 from analytics.stats import cap_vote_records
 from bot import routing, versions
-from bot.prompts import PromptVersion
+from bot.prompts import PromptVersion, label_correspondence
 from bot.store.db import Database
-from bot.store.experiments import ExperimentReader, ReactionRow, ServedRow, VoteRow
+from bot.store.experiments import (
+    ExperimentReader,
+    PairedRow,
+    ReactionRow,
+    ServedRow,
+    VoteRow,
+)
 from bot.store.outbox import Outgoing
 from bot.texts import decisions as texts
 
@@ -253,13 +266,17 @@ class _Hour:
     band_served: list[list[int]]
     band_observed: list[list[int]]
     band_correct: list[list[int]]
+    # [arm]: the paired comparison's counts (HourStats.paired_*): observations voted right
+    # and scored by the other prompt, those it gave another label; voted wrong and scored,
+    # those it gave the same label.
+    paired: list[list[int]]
 
     @classmethod
     def empty(cls) -> _Hour:
         width = len(BAND_EDGES) + 1
         return cls([0, 0], [0, 0], [0, 0], [0, 0], 0.0, [0, 0], [0, 0], [0, 0], [0.0, 0.0],
                     [[0] * width, [0] * width], [[0] * width, [0] * width],
-                    [[0] * width, [0] * width])
+                    [[0] * width, [0] * width], [[0] * 4, [0] * 4])
 
 
 def experiment_start(candidate: versions.VersionState, active: versions.VersionState) -> float:
@@ -288,8 +305,12 @@ async def build_experiment(
     served = await reader.served(a_id, b_id, start, end)
     _count_served(hours, arms, served,
                   await reader.first_interaction_ids(a_id, b_id, start, end))
+    pairing = Pairing.of(prompt_versions.get(a_id), prompt_versions.get(b_id))
+    paired = config.paired_comparison and pairing.comparable
+    other_labels = (pairing.other_labels(
+        served, await reader.paired_labels(a_id, b_id, start, end)) if paired else {})
     evidence = _observe(hours, arms, served, await reader.votes(a_id, b_id, start, end),
-                        config)
+                        config, other_labels)
     _count_reactions(hours, arms, await reader.reply_reactions(a_id, b_id, start, end))
     version = prompt_versions.get(b_id)
     snapshot = ExperimentSnapshot(
@@ -303,9 +324,56 @@ async def build_experiment(
         max_share=routing.room([s for s in deployment.slices() if s.version_id != b_id],
                                candidate.range_start),
         scorers_a=evidence.scorers[0], scorers_b=evidence.scorers[1],
+        paired=paired, two_labels=paired and pairing.labels == 2,
     )
     return Experiment(snapshot, start, candidate, active, evidence.raw_votes,
                       evidence.observations)
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """How a test's paired comparison reads the other prompt's labels (:mod:`bot.pairing`).
+
+    ``maps[arm]`` turns the other arm's label names into the arm's own: the prompts may name
+    their labels differently (:func:`bot.prompts.label_correspondence`). Without a
+    correspondence (or without both prompt files), "the other prompt gave the same label"
+    has no meaning: ``comparable`` is False and the test is decided on its votes alone."""
+
+    active_id: str = ""
+    maps: tuple[Mapping[str, str], Mapping[str, str]] | None = None
+    # How many labels the prompts choose from (0: unknown).
+    labels: int = 0
+
+    @property
+    def comparable(self) -> bool:
+        return self.maps is not None
+
+    @classmethod
+    def of(cls, active: PromptVersion | None, candidate: PromptVersion | None) -> Pairing:
+        if active is None or candidate is None:
+            return cls()
+        to_a = label_correspondence(active, candidate)
+        to_b = label_correspondence(candidate, active)
+        if to_a is None or to_b is None:
+            return cls(active.id)
+        return cls(active.id, (to_a, to_b), len(active.labels))
+
+    def other_labels(self, served: Sequence[ServedRow],
+                     stored: Mapping[int, PairedRow]) -> dict[int, str]:
+        """interaction id → the other prompt's label for its text, in the verdict's own
+        label names. Only labels from the scorer that made the verdict count: from another
+        model file or server, a different label would measure the scorer, not the prompt."""
+        if self.maps is None:
+            return {}
+        out: dict[int, str] = {}
+        for row in served:
+            pair = stored.get(row.id)
+            if pair is None or row.label is None or pair.scorer != (row.scorer or ""):
+                continue
+            label = self.maps[0 if row.version_id == self.active_id else 1].get(pair.label)
+            if label is not None:
+                out[row.id] = label
+        return out
 
 
 @dataclass(frozen=True)
@@ -353,10 +421,15 @@ def _count_served(hours: dict[int, _Hour], arms: _Arms, rows: Sequence[ServedRow
 
 
 def _observe(hours: dict[int, _Hour], arms: _Arms, served: Sequence[ServedRow],
-             votes: Sequence[VoteRow], config: DecisionConfig) -> _Evidence:
+             votes: Sequence[VoteRow], config: DecisionConfig,
+             other_labels: Mapping[int, str] | None = None) -> _Evidence:
     """Votes → one observation per verdict (see :mod:`analytics.observations`), filed in
     the hour of its first vote; each voter's votes beyond the daily cap and each text
-    cluster's observations beyond its daily cap dropped."""
+    cluster's observations beyond its daily cap dropped.
+
+    ``other_labels``: interaction → the label the other arm's prompt gives its text (in the
+    verdict's own label names, :meth:`Pairing.other_labels`); the observations counted
+    above whose verdict has one also make the paired comparison (``HourStats.paired_*``)."""
     keep = cap_vote_records([(v.user_id, int(v.created_at // DAY_S)) for v in votes],
                             config.max_votes_per_user_day)
     kept = [v for v, k in zip(votes, keep, strict=True) if k]
@@ -374,8 +447,13 @@ def _observe(hours: dict[int, _Hour], arms: _Arms, served: Sequence[ServedRow],
     for r in served:
         if r.verdict:
             hours[int(r.created_at // HOUR_S)].band_served[arm_of[r.id]][band[r.id]] += 1
+    own_label = {r.id: r.label for r in served}
+    others = other_labels or {}
     for o in obs:
-        _file(hours[int(o.at // HOUR_S)], arm_of[o.interaction], band.get(o.interaction, 0), o)
+        other = others.get(o.interaction)
+        own = own_label.get(o.interaction)
+        _file(hours[int(o.at // HOUR_S)], arm_of[o.interaction], band.get(o.interaction, 0), o,
+              None if other is None or own is None else other != own)
     raw = [0, 0]
     for v in kept:
         raw[arm_of[v.interaction_id]] += 1
@@ -390,11 +468,23 @@ def _observe(hours: dict[int, _Hour], arms: _Arms, served: Sequence[ServedRow],
                      (dict(scorers[0]), dict(scorers[1])))
 
 
-def _file(h: _Hour, arm: int, band: int, o: Observation) -> None:
+def _file(h: _Hour, arm: int, band: int, o: Observation, other_differs: bool | None = None
+          ) -> None:
+    """One observation into its hour; ``other_differs``: whether the other arm's prompt
+    gives its text another label than the verdict's (None: not scored so)."""
     h.votes[arm] += 1
     h.correct[arm] += int(o.correct)
     h.band_observed[arm][band] += 1
     h.band_correct[arm][band] += int(o.correct)
+    if other_differs is None:
+        return
+    paired = h.paired[arm]
+    if o.correct:
+        paired[0] += 1
+        paired[1] += int(other_differs)
+    else:
+        paired[2] += 1
+        paired[3] += int(not other_differs)
 
 
 def _count_reactions(hours: dict[int, _Hour], arms: _Arms,
@@ -429,6 +519,10 @@ def _strata(hours: Mapping[int, _Hour], arms: _Arms) -> tuple[HourStats, ...]:
             bands_correct_a=tuple(h.band_correct[0]), bands_served_b=tuple(h.band_served[1]),
             bands_observed_b=tuple(h.band_observed[1]),
             bands_correct_b=tuple(h.band_correct[1]),
+            paired_right_a=h.paired[0][0], paired_right_other_wrong_a=h.paired[0][1],
+            paired_wrong_a=h.paired[0][2], paired_wrong_other_same_a=h.paired[0][3],
+            paired_right_b=h.paired[1][0], paired_right_other_wrong_b=h.paired[1][1],
+            paired_wrong_b=h.paired[1][2], paired_wrong_other_same_b=h.paired[1][3],
         ))
     return tuple(strata)
 
@@ -442,12 +536,19 @@ async def replay_events(
     votes and reply reactions, so the engine's decisions can be checked on real history."""
     events: list[dict[str, Any]] = []
     for exp in await build_experiments(db, prompt_versions, config, now):
-        events += await _run_events(db, exp, now)
+        events += await _run_events(db, exp, now, prompt_versions)
     return events
 
 
-async def _run_events(db: Database, exp: Experiment, now: float) -> list[dict[str, Any]]:
+async def _run_events(db: Database, exp: Experiment, now: float,
+                      prompt_versions: Mapping[str, PromptVersion] | None = None,
+                      ) -> list[dict[str, Any]]:
+    """One test's events. A verdict carries its label, how many labels its prompt has, and
+    (``other_label``) the label the other arm's prompt gives its text, when it was scored so
+    by the verdict's own scorer (in the verdict's label names, as the engine compares
+    them: :meth:`Pairing.other_labels`)."""
     snap = exp.snapshot
+    catalog = prompt_versions or {}
     run = snap.candidate_id
     reader = ExperimentReader(db)
     end = int(now // HOUR_S) * HOUR_S
@@ -464,13 +565,21 @@ async def _run_events(db: Database, exp: Experiment, now: float) -> list[dict[st
             previous = share
     served = await reader.served(snap.active_id, run, exp.start, end)
     groups = group_texts([r.text or "" for r in served], NEAR_DUPLICATE)
+    pairing = Pairing.of(catalog.get(snap.active_id), catalog.get(run))
+    other_labels = (pairing.other_labels(
+        served, await reader.paired_labels(snap.active_id, run, exp.start, end))
+        if pairing.comparable else {})
+    labels = {vid: len(v.labels) for vid, v in catalog.items()}
     for r, group in zip(served, groups, strict=True):
         if r.verdict:
-            events.append({"kind": "verdict", "run": run, "at": r.created_at,
-                           "arm": "active" if r.version_id == snap.active_id else "candidate",
-                           "interaction": r.id, "user": r.user_id,
-                           "text": f"k{group}" if r.text else None,
-                           "confidence": r.confidence})
+            event = {"kind": "verdict", "run": run, "at": r.created_at,
+                     "arm": "active" if r.version_id == snap.active_id else "candidate",
+                     "interaction": r.id, "user": r.user_id,
+                     "text": f"k{group}" if r.text else None, "label": r.label,
+                     "confidence": r.confidence, "labels": labels.get(r.version_id)}
+            if r.id in other_labels:
+                event["other_label"] = other_labels[r.id]
+            events.append(event)
     for v in await reader.votes(snap.active_id, run, exp.start, end):
         events.append({"kind": "vote", "run": run, "at": v.created_at,
                        "interaction": v.interaction_id, "user": v.user_id,

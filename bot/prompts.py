@@ -125,6 +125,27 @@ def content_hash(data: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def label_correspondence(own: PromptVersion, other: PromptVersion) -> dict[str, str] | None:
+    """``other``'s label names → the label of ``own`` each stands for, one to one, or None
+    when the two versions' labels cannot be matched.
+
+    Labels with the same names match by name. Versions that name their labels differently
+    (a Chinese and an English prompt: 正面 / positive) match by emoji when every label of
+    both has one, no two labels of a version share one, and both use the same emojis (the
+    emoji is what users see as the verdict: 😊 正面 and 😊 positive are one verdict)."""
+    if set(own.label_names) == set(other.label_names):
+        return {name: name for name in other.label_names}
+
+    def emojis(version: PromptVersion) -> dict[str, str]:
+        return {label.emoji.replace("\ufe0f", ""): label.name for label in version.labels}
+
+    mine, theirs = emojis(own), emojis(other)
+    if ("" in mine or len(mine) != len(own.labels) or len(theirs) != len(other.labels)
+            or set(mine) != set(theirs)):
+        return None
+    return {name: mine[emoji] for emoji, name in theirs.items()}
+
+
 _TOP_KEYS = {
     "id", "parent", "description", "language", "labels", "system", "examples",
     "chat_system", "generation", "reason",

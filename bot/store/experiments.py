@@ -29,6 +29,9 @@ class ServedRow:
     # erased by retention or /forget.
     confidence: float | None = None
     text: str | None = None
+    # The verdict's label (None: a reply only) and who scored it (None: not recorded).
+    label: str | None = None
+    scorer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,15 @@ class VoteRow:
     # Who scored the verdict voted on (``interactions.scorer``; UNRECORDED_SCORER when it
     # was stored before scorers were recorded).
     scorer: str = UNRECORDED_SCORER
+
+
+@dataclass(frozen=True)
+class PairedRow:
+    """The label the other arm's prompt gives a verdict's text (the paired comparison)."""
+
+    interaction_id: int
+    label: str
+    scorer: str
 
 
 @dataclass(frozen=True)
@@ -61,7 +73,7 @@ class ExperimentReader:
     async def served(self, a_id: str, b_id: str, start: float, end: float) -> list[ServedRow]:
         rows = await self.db.fetchall(
             "SELECT id, user_id, version_id, created_at, label IS NOT NULL AS verdict,"
-            " reply_latency_ms, confidence, text FROM interactions"
+            " reply_latency_ms, confidence, text, label, scorer FROM interactions"
             " WHERE version_id IN (?, ?) AND created_at >= ? AND created_at < ?"
             " ORDER BY created_at, id", (a_id, b_id, start, end))
         return [ServedRow(int(r["id"]), int(r["user_id"]), str(r["version_id"]),
@@ -69,7 +81,7 @@ class ExperimentReader:
                           None if r["reply_latency_ms"] is None
                           else float(r["reply_latency_ms"]),
                           None if r["confidence"] is None else float(r["confidence"]),
-                          r["text"]) for r in rows]
+                          r["text"], r["label"], r["scorer"]) for r in rows]
 
     async def first_interaction_ids(self, a_id: str, b_id: str, start: float,
                                     end: float) -> dict[int, int]:
@@ -92,6 +104,18 @@ class ExperimentReader:
         return [VoteRow(int(r["user_id"]), bool(r["correct"]), float(r["created_at"]),
                         str(r["version_id"]), int(r["interaction_id"]),
                         r["scorer"] or UNRECORDED_SCORER) for r in rows]
+
+    async def paired_labels(self, a_id: str, b_id: str, start: float,
+                            end: float) -> dict[int, PairedRow]:
+        """interaction id → the label the *other* arm's prompt gives its text, for the
+        verdicts of the test (``[start, end)``) that were scored so (:mod:`bot.pairing`)."""
+        rows = await self.db.fetchall(
+            "SELECT p.interaction_id, p.label, p.scorer FROM paired_labels p"
+            " JOIN interactions i ON i.id = p.interaction_id"
+            " WHERE i.version_id IN (?, ?) AND i.created_at >= ? AND i.created_at < ?"
+            " AND p.version_id = CASE WHEN i.version_id = ? THEN ? ELSE ? END",
+            (a_id, b_id, start, end, a_id, b_id, a_id))
+        return {int(r[0]): PairedRow(int(r[0]), str(r[1]), str(r[2])) for r in rows}
 
     async def reply_reactions(self, a_id: str, b_id: str, start: float,
                               end: float) -> list[ReactionRow]:

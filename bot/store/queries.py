@@ -448,7 +448,8 @@ class Store:
 
     async def forget_user(self, user_id: int, *, before_update_id: int = 0,
                           now: float | None = None) -> ForgetResult:
-        """Delete the user's messages (with everything attached to them), votes and reactions,
+        """Delete the user's messages (with everything attached to them: other users' votes and
+        reactions, the other prompt's labels of the paired comparison), votes and reactions,
         and the texts of the updates they sent; leave a tombstone so that votes and reactions
         sent before ``before_update_id`` (Telegram's order) are refused if they arrive late."""
         at = time.time() if now is None else now
@@ -475,6 +476,10 @@ class Store:
             )
             await conn.execute("DELETE FROM votes WHERE user_id = ?", (user_id,))
             await conn.execute("DELETE FROM reactions WHERE user_id = ?", (user_id,))
+            # The other prompt's labels of the user's messages (bot.pairing): said here, not
+            # left to the cascade alone, so that nothing of the user's depends on it.
+            await conn.execute("DELETE FROM paired_labels WHERE interaction_id IN"
+                               " (SELECT id FROM interactions WHERE user_id = ?)", (user_id,))
             # ON DELETE CASCADE removes other users' votes and reactions on these messages.
             cur = await conn.execute("DELETE FROM interactions WHERE user_id = ?", (user_id,))
             deleted = cur.rowcount

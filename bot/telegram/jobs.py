@@ -1,7 +1,9 @@
 """The experiment analysis on python-telegram-bot's JobQueue, and the admins' messages.
 
 Every ``experiment.interval_minutes`` the job runs :func:`bot.experiment.analyze` on the bot's
-own database and prompt versions (the ones it serves), applies the decisions, and tells every
+own database and prompt versions (the ones it serves), right after scoring the verdicts voted
+on since its last run with the other arm's prompt (:func:`bot.pairing.score_pending`, the
+paired comparison's labels), applies the decisions, and tells every
 admin what it did and why whenever the action is not a plain hold. A hold that waits for a
 person (arms scored by different scorers) is told once per test while the bot runs, not at
 every look. It never dies: any error is logged and the next run tries again (each write is
@@ -25,13 +27,19 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from bot import pairing
 from bot.config import replica_name
 from bot.experiment import analyze
 from bot.learning import loop as learning
 from bot.store.jobs import JobRuns, Lease
 from bot.telegram.state import BotApp, BotContext
 from bot.texts import learning as learning_texts
+
+if TYPE_CHECKING:
+    from analytics.decide import DecisionConfig
+    from bot.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +109,7 @@ async def run_experiment_job(context: BotContext) -> None:
     try:
         async with _renewing(runs, lease, data.lease_s):
             await service.load_new_versions()  # a candidate another replica put in canary
+            await _score_pairs(service, state.settings.experiment, now)
             outcomes = await analyze(service.store.db, service.versions,
                                      state.settings.experiment, now=now, notify=admins)
     except Exception:
@@ -143,6 +152,18 @@ async def run_experiment_job(context: BotContext) -> None:
             await runs.finish(lease)
     except Exception as exc:
         log.error("experiment analysis: cannot record the period as done: %s", exc)
+
+
+async def _score_pairs(service: Service, config: DecisionConfig, now: float) -> None:
+    """The paired comparison's labels of the verdicts voted on since the last run, before
+    the analysis reads them (:mod:`bot.pairing`). Its failure does not stop the analysis: it
+    decides on the labels stored so far."""
+    try:
+        await pairing.score_pending(service.store.db, pairing.classifier_of(service.runtime),
+                                    service.versions, config, now=now)
+    except Exception:
+        log.exception("paired comparison: scoring failed; the analysis goes on with the "
+                      "labels stored so far")
 
 
 @contextlib.asynccontextmanager

@@ -75,13 +75,57 @@ def _worse(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> s
 
 
 def _better(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    if s.paired_e is not None:
+        return (f"candidate better on the same texts: paired E⁺ = {_e(s.paired_e)} ≥ "
+                f"{s.promote_threshold:.0f} (both prompts scored every voted text), and the "
+                f"votes agree (MH z = {s.mh_z:.2f}); {_arms(snap, s)}; promoting")
     return (f"candidate better: E⁺ = {_e(s.e_plus)} ≥ {s.promote_threshold:.0f}; "
             f"{_arms(snap, s)}; promoting")
 
 
 def _horizon_mh(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    if s.paired_z is not None:
+        return (f"{s.elapsed_hours} h horizon: paired z = {s.paired_z:.2f} ≥ "
+                f"{s.horizon_z:.2f} on the same texts, the votes agree (MH z = "
+                f"{s.mh_z:.2f}); {_arms(snap, s)}; promoting")
     return (f"{s.elapsed_hours} h horizon: stratified MH z = {s.mh_z:.2f} ≥ "
             f"{s.horizon_z:.2f}; {_arms(snap, s)}; promoting")
+
+
+def _paired(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
+    verb = ("test frozen: neither promoted nor reverted" if s.hours_left <= 0
+            else "holding")
+    paired = (f"paired E⁺ = {_e(s.paired_e or 0.0)}, z = {s.paired_z or 0.0:.2f}, on "
+              f"{s.paired_scored or 0} of {s.votes_a + s.votes_b} voted texts scored by both "
+              "prompts")
+    if s.mh_z <= 0:
+        view = (f"on the same texts {snap.candidate_id} does better ({paired}) but accuracy "
+                f"among voters points the other way (MH z = {s.mh_z:.2f})")
+    else:
+        view = (f"accuracy among voters finds {snap.candidate_id} better (E⁺ = "
+                f"{_e(s.e_plus)}, MH z = {s.mh_z:.2f}) but on the same texts it is not, or "
+                f"not yet ({paired})")
+    unscored = ""
+    if (s.paired_scored or 0) < 0.5 * (s.votes_a + s.votes_b):
+        unscored = ("; most voted texts lack the other prompt's label: the scheduled job "
+                    "scores them before each analysis (its log says why when it cannot)")
+    return (f"{view}: who votes may differ between the arms{_paired_rates(snap, s)}"
+            f"{unscored}; {_arms(snap, s)}; {verb}")
+
+
+def _paired_rates(snap: ExperimentSnapshot, s: DecisionStats) -> str:
+    """How readily each arm's right and wrong verdicts are voted on, measured on the texts
+    both prompts get right (wrong): the paired comparison's direct view of who votes."""
+    if s.paired_right_vote_ratio is None and s.paired_wrong_vote_ratio is None:
+        return ""
+
+    def ratio(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2f}×"
+
+    return (f" ({snap.candidate_id}'s right verdicts are voted on "
+            f"{ratio(s.paired_right_vote_ratio)} as often as {snap.active_id}'s, its wrong "
+            f"ones {ratio(s.paired_wrong_vote_ratio)}, on texts both prompts get right or "
+            "both get wrong)")
 
 
 def _horizon_worse(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
@@ -116,6 +160,7 @@ def _selection(snap: ExperimentSnapshot, s: DecisionStats) -> str:
     rates = (f"{snap.candidate_id}'s verdicts are voted on {ratio:.2f}× as often as "
              f"{snap.active_id}'s (e-value {s.parity_e:.3g}, enough to fake or hide "
              f"{100 * s.propensity_bias:.1f} accuracy points among voters)")
+    rates += _paired_rates(snap, s)
     if s.propensity_z == 0:  # the confidence bands do not determine it (yet)
         return rates
     other = "wrong" if way == "right" else "right"
@@ -193,8 +238,9 @@ def _ramp(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> st
 
 
 def _collecting(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
-    return (f"collecting: E⁺ = {_e(s.e_plus)}, E⁻ = {_e(s.e_minus)}; {_arms(snap, s)}; "
-            f"{s.hours_left:.0f} h left")
+    paired = "" if s.paired_e is None else f", paired E⁺ = {_e(s.paired_e)}"
+    return (f"collecting: E⁺ = {_e(s.e_plus)}, E⁻ = {_e(s.e_minus)}{paired}; "
+            f"{_arms(snap, s)}; {s.hours_left:.0f} h left")
 
 
 _REASONS = {
@@ -203,6 +249,7 @@ _REASONS = {
     Rule.HORIZON_WORSE: _horizon_worse, Rule.HORIZON_RETIRE: _horizon_retire,
     Rule.STALE: _stale, Rule.PARITY: _parity, Rule.MIN_VOTES: _min_votes, Rule.RAMP: _ramp,
     Rule.PROPENSITY: _propensity, Rule.FADING: _fading, Rule.SCORER_MISMATCH: _scorer_mismatch,
+    Rule.PAIRED: _paired,
 }
 
 
@@ -214,7 +261,9 @@ def next_step(decision: Decision, reason_text: str) -> str:
     if decision.action is not Action.HOLD:
         return f"{decision.action}: {reason_text}"
     if decision.rule is Rule.COLLECTING and s is not None:
-        need_up = s.promote_threshold / max(s.e_plus, 1e-300)
+        # With the paired comparison, promotions are decided on its evidence.
+        e_up = s.paired_e if s.paired_e is not None else s.e_plus
+        need_up = s.promote_threshold / max(e_up, 1e-300)
         need_down = s.revert_threshold / max(s.e_minus, 1e-300)
         return (f"holding: promotion needs {need_up:.3g}× more evidence, revert "
                 f"{need_down:.3g}×; at most {s.hours_left:.0f} h until the horizon")
@@ -237,6 +286,14 @@ def arm_lines(snapshot: ExperimentSnapshot, decision: Decision) -> list[str]:
                  f"{s.promote_threshold:.0f}), against E⁻ = {s.e_minus:.3g} (revert at "
                  f"{s.revert_threshold:.0f}); {s.elapsed_hours} h of "
                  f"{s.elapsed_hours + s.hours_left:.0f}, share {pct(s.planned_share)}")
+    if s.paired_e is not None:
+        disagree = ("" if s.paired_disagreement is None else
+                    f"; the prompts disagree on {pct(s.paired_disagreement)} of the texts "
+                    "voted right")
+        lines.append(f"on the same texts ({s.paired_scored or 0} voted texts scored by both "
+                     f"prompts): paired E⁺ = {s.paired_e:.3g} (promote at "
+                     f"{s.promote_threshold:.0f}), z = "
+                     f"{s.paired_z if s.paired_z is not None else math.nan:.2f}{disagree}")
     return lines
 
 

@@ -3,7 +3,9 @@
 One database file filled with 30 hours of votes for two arms is copied: the bot's scheduled job
 runs on one copy, ``loopbot analyze`` on the other, both pinned to the same clock (so an hour
 boundary between the two runs cannot change the elapsed hours), and they must write the same
-decision.
+decision. The newest voted verdicts are not yet scored by the other arm's prompt: the job
+scores them with the bot's model before it decides (the paired comparison), and the command
+line reads the labels the job stored.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 
 from bot import experiment, experiment_cli, versions
 from bot.devtools.fakebotapi import FakeBotAPI
+from bot.llm.runtime import local_scorer_id
 from bot.prompts import load_directory
 from bot.store.db import Database
 from bot.telegram import jobs
@@ -29,27 +32,39 @@ from tests.e2e.botharness import ADMIN_ID, ROOT, BotHarness
 from tests.unit.test_experiment import B, fill, start_test
 
 HOURS = 30
+# Voted verdicts the job scores with the other arm's prompt before it decides (a few: the tiny
+# model sometimes re-evaluates a prompt's prefix, ~0.6 s, and the first run must be quick).
+UNSCORED = 10
 
 
-async def promotable_test(db: Database, now: float) -> None:
+async def promotable_test(db: Database, now: float, scorer: str | None = None) -> None:
     """A test of B against the active version, started HOURS ago, with the evidence that
-    makes the engine promote B at its next look."""
+    makes the engine promote B at its next look (verdicts made by ``scorer``)."""
     catalog = load_directory(ROOT / "prompts")
     start = (int(now // 3600) - HOURS) * 3600.0
     await start_test(db, catalog, at=start)
     await fill(db, hours=HOURS, per_hour_a=20, per_hour_b=20, acc_a=0.70, acc_b=0.95,
-               start=start)
+               start=start, scorer_a=scorer, scorer_b=scorer)
 
 
-async def _prepare(path: Path, now: float) -> None:
+async def _prepare(path: Path, now: float, scorer: str) -> list[tuple[int, str]]:
+    """The promotable test, its verdicts made by the bot's model (``scorer``); the newest
+    are left for the job to score. Returns those: (interaction, its version)."""
     db = await Database.open(path)
     try:
-        await promotable_test(db, now)
+        await promotable_test(db, now, scorer)
+        unscored = sorted((int(r[0]), str(r[1])) for r in await db.fetchall(
+            "SELECT id, version_id FROM interactions ORDER BY created_at DESC, id DESC"
+            f" LIMIT {UNSCORED}"))
+        async with db.transaction() as conn:
+            await conn.executemany("DELETE FROM paired_labels WHERE interaction_id = ?",
+                                   [(i,) for i, _ in unscored])
         # The first runs of the job fail between the state write and the audit write.
         await db.fetchall("CREATE TRIGGER fail_audit BEFORE INSERT ON audit_log"
                           " BEGIN SELECT RAISE(ABORT, 'injected crash'); END")
     finally:
         await db.close()
+    return unscored
 
 
 def _audit(path: Path) -> list[tuple[Any, ...]]:
@@ -67,7 +82,9 @@ def test_scheduled_job_decides_messages_admins_and_matches_loopbot_analyze(
         fake_api: FakeBotAPI, tiny_gguf: Path, tmp_path: Path) -> None:
     now = time.time()
     job_db, cli_db = tmp_path / "job.db", tmp_path / "cli.db"
-    asyncio.run(_prepare(job_db, now))
+    scorer = local_scorer_id(tiny_gguf)
+    unscored = asyncio.run(_prepare(job_db, now, scorer))
+    assert len(unscored) == UNSCORED and {v for _, v in unscored} == {"v1-zh", B}
     shutil.copyfile(job_db, cli_db)
     with sqlite3.connect(cli_db) as conn:
         conn.execute("DROP TRIGGER fail_audit")
@@ -106,7 +123,28 @@ def test_scheduled_job_decides_messages_admins_and_matches_loopbot_analyze(
     assert sum("PROMOTE" in t and "NOT applied" not in t for t in _admin_texts(fake_api)) == 1
     job_entries = _audit(job_db)[before:]
     assert [(e[1], e[2], e[3]) for e in job_entries] == [("engine", "promote", B)]
+    # Decided on the paired comparison: both prompts on every voted text.
+    decided = json.loads(job_entries[0][-1])
+    assert decided["paired_e"] is not None
+    assert decided["paired_e"] >= decided["promote_threshold"] and decided["paired_z"] > 0
+    # The job scored the newest voted verdicts with the other arm's prompt, through the bot's
+    # model (its scorer), once each.
+    with sqlite3.connect(job_db) as conn:
+        # Stored by the job (the test's own labels date from before ``now``).
+        new_rows = conn.execute("SELECT * FROM paired_labels WHERE created_at >= ?"
+                                " ORDER BY interaction_id", (now,)).fetchall()
+        rows = conn.execute("SELECT COUNT(*) FROM paired_labels").fetchone()[0]
+    scored = [(i, v, label, s) for i, v, label, s, _ in new_rows]
+    assert [(i, v) for i, v, _, _ in scored] == [
+        (i, "v1-zh" if version == B else B) for i, version in unscored]
+    assert {s for _, _, _, s in scored} == {scorer}
+    assert all(label in (("正面", "负面") if v == "v1-zh" else ("positive", "negative"))
+               for _, v, label, _ in scored)
+    assert rows == HOURS * 40
 
+    # The command line reads the labels the job stored.
+    with sqlite3.connect(cli_db) as conn:
+        conn.executemany("INSERT INTO paired_labels VALUES (?, ?, ?, ?, ?)", new_rows)
     parser = argparse.ArgumentParser()
     experiment_cli.register(parser.add_subparsers())
     args = parser.parse_args(["analyze", "--db", str(cli_db), "--at", repr(now)])

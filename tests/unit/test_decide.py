@@ -565,3 +565,117 @@ def test_a_real_gain_with_a_little_selection_is_promoted() -> None:
     # Were a tenth of the gain enough to matter, the same data would be frozen.
     strict = decide(d_snap, dataclasses.replace(cfg, propensity_share=0.1))
     assert (strict.action, strict.rule) == ("freeze", "propensity")
+
+
+# The paired comparison: every voted verdict also scored by the other arm's prompt.
+def paired_hours(n_hours: int, arm_a: tuple[tuple[int, int, int], ...],
+                 arm_b: tuple[tuple[int, int, int], ...],
+                 pairs: tuple[int, int, int, int, int, int, int, int]) -> list[HourStats]:
+    """``banded_hours`` with the paired counts of every hour: per arm (voted right, of which
+    the other prompt is wrong, voted wrong, of which the other prompt is wrong too)."""
+    names = ("right_a", "right_other_wrong_a", "wrong_a", "wrong_other_same_a", "right_b",
+             "right_other_wrong_b", "wrong_b", "wrong_other_same_b")
+    extra: dict[str, typing.Any] = {f"paired_{name}": n
+                                    for name, n in zip(names, pairs, strict=True)}
+    return [dataclasses.replace(row, **extra) for row in banded_hours(n_hours, arm_a, arm_b)]
+
+
+# EVEN vs PICKY (same true accuracy, the candidate's right verdicts voted 1.2×, its wrong
+# ones 0.6× as often) when the two prompts disagree on 20% of the texts, half each way:
+# among verdicts voted right the other prompt is wrong on 0.1 / 0.708 of them in both arms,
+# among those voted wrong it is wrong too on 0.192 / 0.292.
+SELECTED_PAIRS = (85, 12, 35, 23, 102, 14, 21, 14)
+# BETTER vs EVEN with the voters alike: the candidate is right where the active prompt is
+# wrong on 15% of the texts, the reverse on 5% (so both are wrong on 14.2%).
+BETTER_PAIRS = (85, 6, 35, 17, 102, 19, 21, 16)
+NO_BAND_GUARD = dataclasses.replace(CFG, propensity_tolerance=0.99, propensity_hold_z=50.0,
+                                    propensity_line_hold_z=50.0, propensity_freeze_z=50.0)
+
+
+def test_the_paired_comparison_is_not_fooled_by_who_votes() -> None:
+    # The bands' guard blinded: the votes alone would promote a candidate that is only
+    # voted on differently; on the same texts it does no better, so it is held.
+    d_snap = snap(paired_hours(36, EVEN, PICKY, SELECTED_PAIRS), paired=True, two_labels=True)
+    held = decide(d_snap, NO_BAND_GUARD)
+    s = stats_of(held)
+    assert s.e_plus >= s.promote_threshold  # what the votes alone say
+    assert s.paired_e is not None and s.paired_e < 1
+    assert held.action == "hold" and held.rule == "paired"
+    # The paired counts measure who votes directly: 1.2× on right verdicts, 0.6× on wrong.
+    assert s.paired_right_vote_ratio == pytest.approx(1.2, rel=0.03)
+    assert s.paired_wrong_vote_ratio == pytest.approx(0.6, rel=0.05)
+    text = reason(held, d_snap, NO_BAND_GUARD)
+    assert "who votes may differ between the arms" in text and "holding" in text
+    assert "right verdicts are voted on 1.21× as often as v1-zh's, its wrong ones 0.61×" in text
+    # At the horizon the test freezes for a person to look, saying so.
+    end_snap = snap(paired_hours(168, EVEN, PICKY, SELECTED_PAIRS), paired=True,
+                    two_labels=True)
+    end = decide(end_snap, NO_BAND_GUARD)
+    assert end.action == "freeze" and end.rule == "paired"
+    assert "test frozen" in reason(end, end_snap, NO_BAND_GUARD)
+    # Without the paired comparison the same votes promote (the bands' guard is blinded).
+    assert decide(snap(banded_hours(36, EVEN, PICKY)), NO_BAND_GUARD).action == "promote"
+
+
+def test_a_real_gain_is_promoted_on_the_paired_comparison() -> None:
+    d_snap = snap(paired_hours(36, EVEN, BETTER, BETTER_PAIRS), paired=True, two_labels=True)
+    d = decide(d_snap, CFG)
+    s = stats_of(d)
+    assert d.action == "promote" and d.rule == "evidence_better"
+    assert s.paired_e is not None and s.paired_e >= s.promote_threshold
+    assert "paired E⁺" in reason(d, d_snap, CFG)
+    # The votes must agree: the same pairs with the votes pointing the other way hold.
+    flipped = snap(paired_hours(36, BETTER, EVEN, BETTER_PAIRS), paired=True, two_labels=True)
+    held = decide(flipped, CFG)
+    assert held.action != "promote" and stats_of(held).mh_z < 0
+
+
+def test_two_labels_make_the_wrong_votes_evidence_too() -> None:
+    # With more labels a verdict voted wrong has no known true label: only the votes that say
+    # "correct" count, so the same data is weaker evidence.
+    rows = paired_hours(12, EVEN, BETTER, BETTER_PAIRS)
+    two = decide(snap(rows, paired=True, two_labels=True), CFG)
+    more = decide(snap(rows, paired=True, two_labels=False), CFG)
+    e_two, e_more = stats_of(two).paired_e, stats_of(more).paired_e
+    assert e_two is not None and e_more is not None and e_two > e_more > 1
+
+
+def test_the_paired_comparison_can_be_switched_off() -> None:
+    rows = paired_hours(36, EVEN, PICKY, SELECTED_PAIRS)
+    off = dataclasses.replace(NO_BAND_GUARD, paired_comparison=False)
+    d = decide(snap(rows, paired=True, two_labels=True), off)
+    assert d.action == "promote" and stats_of(d).paired_e is not None
+    arrays, _ = snapshot_arrays(snap(rows))
+    assert arrays.pairs is None  # an unpaired snapshot carries no pairs at all
+
+
+def test_paired_counts_are_checked() -> None:
+    rows = paired_hours(3, EVEN, PICKY, (10, 11, 0, 0, 0, 0, 0, 0))
+    arrays, _ = snapshot_arrays(snap(rows, paired=True))
+    with pytest.raises(ValueError, match="right_other_wrong_a"):
+        arrays.validate()
+
+
+def test_a_paired_test_without_labels_holds_and_says_why() -> None:
+    # The bot scores the voted texts before each analysis; none scored (the scoring keeps
+    # failing) means no paired evidence: the votes alone do not promote, and the admins
+    # read that the labels are missing.
+    d_snap = snap(banded_hours(36, EVEN, BETTER), paired=True, two_labels=True)
+    held = decide(d_snap, CFG)
+    assert held.action == "hold" and held.rule == "paired"
+    assert stats_of(held).paired_scored == 0
+    text = reason(held, d_snap, CFG)
+    assert "on 0 of" in text and "lack the other prompt's label" in text
+
+
+def test_stats_show_the_paired_comparison() -> None:
+    from bot.texts.decisions import arm_lines
+
+    d_snap = snap(paired_hours(10, EVEN, BETTER, BETTER_PAIRS), paired=True, two_labels=True)
+    d = decide(d_snap, CFG)
+    s = stats_of(d)
+    assert s.paired_scored == 10 * (85 + 35 + 102 + 21)
+    assert s.paired_disagreement == pytest.approx((6 + 19) / (85 + 102))
+    line = arm_lines(d_snap, d)[-1]
+    assert "2430 voted texts scored by both prompts" in line
+    assert "the prompts disagree on 13.4% of the texts voted right" in line

@@ -59,6 +59,15 @@ async def start_test(db: Database, catalog: dict[str, PromptVersion], *, share: 
                               now=at)
 
 
+# Each version's labels, the first one the verdict add_interaction stores (v1-zh and v1-en
+# name them differently; their emojis match them up: bot.prompts.label_correspondence).
+LABELS = {A: ("正面", "负面"), B: ("positive", "negative")}
+
+
+def labels_of(version: str) -> tuple[str, str]:
+    return LABELS.get(version, LABELS[B])  # other test versions are copies of v1-en
+
+
 def text_of(message_id: int) -> str:
     """A text of its own per message (people write different things; equal texts are one
     cluster to the engine)."""
@@ -70,8 +79,13 @@ async def add_interaction(
     vote: bool | None = None, voter: int | None = None, vote_at: float | None = None,
     latency_ms: float | None = None, reaction: int | None = None,
     reaction_at: float | None = None, scorer: str | None = None,
+    other_label: str | None = None, other_version: str | None = None,
 ) -> None:
-    """One verdict row (and its vote / reply reaction) exactly as the bot stores them."""
+    """One verdict row (and its vote / reply reaction) exactly as the bot stores them.
+
+    ``other_label``: the label the other arm's prompt (``other_version``; default: the
+    other of A and B) gave the text, as the bot's job stores it (bot.pairing), by the
+    verdict's own scorer."""
     from bot.store.db import Connection
 
     assert isinstance(conn, Connection)
@@ -79,9 +93,15 @@ async def add_interaction(
     iid = await conn.insert_id(
         "INSERT INTO interactions (created_at, chat_id, user_id, message_id, text, version_id,"
         " arm, bucket, label, probabilities, reply_latency_ms, scorer)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, 0, 'positive', '{}', ?, ?)",
-        (float(at), user, user, message_id, text_of(message_id), version, arm, latency_ms,
-         scorer))
+        " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, '{}', ?, ?)",
+        (float(at), user, user, message_id, text_of(message_id), version, arm,
+         labels_of(version)[0], latency_ms, scorer))
+    if other_label is not None:
+        await conn.execute(
+            "INSERT INTO paired_labels (interaction_id, version_id, label, scorer, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (iid, other_version or (B if version == A else A), other_label, scorer or "",
+             float(at) + 60))
     if vote is not None:
         when = at + 30 if vote_at is None else vote_at
         await conn.execute(
@@ -99,23 +119,45 @@ async def add_interaction(
              when))
 
 
+def other_right(rng: random.Random, own_right: bool, acc_own: float, acc_other: float) -> bool:
+    """Whether the other prompt is right on a text, given the served one's verdict: the two
+    agree as often as their accuracies allow (the better one is right wherever the worse one
+    is), so each keeps its own accuracy."""
+    if acc_other >= acc_own:
+        return own_right or rng.random() < (acc_other - acc_own) / max(1e-12, 1 - acc_own)
+    return own_right and rng.random() < acc_other / acc_own
+
+
 async def fill(db: Database, *, hours: int, per_hour_a: int, per_hour_b: int, acc_a: float,
                acc_b: float, seed: int = 1, start: float = T0, first_user: int = 10_000,
-               scorer_a: str | None = None, scorer_b: str | None = None) -> None:
+               scorer_a: str | None = None, scorer_b: str | None = None,
+               pairs: bool = True) -> None:
     """``hours`` of traffic from ``start``: every verdict from a new user, who votes on it;
-    each arm's verdicts scored by ``scorer_a`` / ``scorer_b`` (None: not recorded)."""
+    each arm's verdicts scored by ``scorer_a`` / ``scorer_b`` (None: not recorded).
+
+    ``pairs``: each text also has the label the other arm's prompt gives it (the paired
+    comparison's labels, bot.pairing), as right as ``acc_a`` / ``acc_b`` say."""
     rng = random.Random(seed)
+    pair_rng = random.Random(seed + 1)  # the votes stay what they were without pairs
     user = first_user
     async with db.transaction() as conn:
         for hour in range(hours):
-            for version, n, acc, scorer in ((A, per_hour_a, acc_a, scorer_a),
-                                            (B, per_hour_b, acc_b, scorer_b)):
+            for version, n, acc, other_acc, scorer in (
+                    (A, per_hour_a, acc_a, acc_b, scorer_a),
+                    (B, per_hour_b, acc_b, acc_a, scorer_b)):
+                other = labels_of(B if version == A else A)
                 for k in range(n):
                     user += 1
                     at = start + hour * 3600 + 60 + k * (3000 / max(n, 1))
+                    right = rng.random() < acc
+                    # The verdict is the version's first label: the other prompt says the
+                    # same (its own first label) when both are right or both wrong.
+                    same = other_right(pair_rng, right, acc, other_acc) == right
                     await add_interaction(conn, user=user, version=version, at=at,
-                                          message_id=user, vote=rng.random() < acc,
-                                          latency_ms=800.0, scorer=scorer)
+                                          message_id=user, vote=right, latency_ms=800.0,
+                                          scorer=scorer,
+                                          other_label=(other[0] if same else other[1])
+                                          if pairs else None)
 
 
 async def audit_count(db: Database) -> int:

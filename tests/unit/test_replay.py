@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analytics.decide import ACTIONS, DecisionConfig, evaluate
+from analytics.decide import ACTIONS, PAIRED_FIELDS, DecisionConfig, evaluate
 from analytics.observations import RunningDesignEffect
 from analytics.replay import ReplayError, group_runs, replay_run
 from analytics.simulate import SCENARIOS, run_events, simulate_traffic
@@ -38,6 +38,12 @@ def test_replay_of_simulated_traffic_decides_as_the_simulation(
         result = replay_run(logs[str(run)], CFG)
         expected = str(ACTIONS[int(action[run])]) if idx[run] >= 0 else "hold"
         assert (result.action, result.hour) == (expected, int(idx[run])), run
+        # The paired comparison aggregates back exactly too (the other prompt's labels).
+        assert traffic.arrays.pairs is not None and result.arrays.pairs is not None
+        for name in PAIRED_FIELDS:
+            np.testing.assert_array_equal(getattr(result.arrays.pairs, name)[0],
+                                          getattr(traffic.arrays.pairs, name)[run], name)
+        assert result.arrays.pairs.two_labels
         decided += result.hour >= 0
     assert decided  # the comparison covered decisions, not only holds
 

@@ -101,3 +101,45 @@ def test_same_seed_same_report() -> None:
     a = simulate(8, seed=5, scenarios=["S2"], config=cfg)
     b = simulate(8, seed=5, scenarios=["S2"], config=cfg)
     assert a == b
+
+
+def test_the_other_prompts_labels_are_drawn_apart_and_as_modelled() -> None:
+    """The paired comparison's draws come from their own stream (adding them left every
+    other simulated figure as it was) and follow the two prompts' joint correctness."""
+    from analytics.simulate import simulate_traffic
+
+    scenario = SCENARIOS["S1"]
+    one = simulate_traffic(scenario, 0.10, 200, np.random.default_rng(5), 10, 3,
+                           np.random.default_rng(1))
+    two = simulate_traffic(scenario, 0.10, 200, np.random.default_rng(5), 10, 3,
+                           np.random.default_rng(2))
+    np.testing.assert_array_equal(one.arrays.votes_b, two.arrays.votes_b)
+    np.testing.assert_array_equal(one.arrays.correct_a, two.arrays.correct_a)
+    p1, p2 = one.arrays.pairs, two.arrays.pairs
+    assert p1 is not None and p2 is not None and p1.two_labels
+    assert not np.array_equal(p1.right_other_wrong_b, p2.right_other_wrong_b)
+    # 80% vs 90%, disagreeing on 20% of texts: n10 = 5%, n01 = 15%, n00 = 5%.
+    assert p1.right_other_wrong_a.sum() / p1.right_a.sum() == pytest.approx(0.05 / 0.8,
+                                                                           rel=0.05)
+    assert p1.right_other_wrong_b.sum() / p1.right_b.sum() == pytest.approx(0.15 / 0.9,
+                                                                           rel=0.05)
+    assert p1.wrong_other_same_a.sum() / p1.wrong_a.sum() == pytest.approx(0.05 / 0.2,
+                                                                          rel=0.08)
+    assert p1.wrong_other_same_b.sum() / p1.wrong_b.sum() == pytest.approx(0.05 / 0.1,
+                                                                          rel=0.08)
+
+
+@pytest.mark.slow
+def test_a_candidate_only_voted_on_differently_is_not_promoted() -> None:
+    """With the paired comparison, a selection that fakes +5 or +10 points among voters
+    stays within the false-promotion budget; on the votes alone it would not."""
+    from analytics.decide import PROMOTE, evaluate
+    from analytics.simulate import simulate_traffic
+
+    for name in ("S_propensity_subtle", "S_propensity_equal_rate"):
+        traffic = simulate_traffic(SCENARIOS[name], 0.0, 1000, np.random.default_rng(11), 10,
+                                   3, np.random.default_rng(12))
+        action, _ = evaluate(traffic.arrays, DecisionConfig()).first_terminal()
+        assert (action == PROMOTE).mean() <= 0.01, name
+        votes_only = evaluate(traffic.arrays, DecisionConfig(paired_comparison=False))
+        assert (votes_only.first_terminal()[0] == PROMOTE).mean() >= 0.04, name

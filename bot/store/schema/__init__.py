@@ -36,7 +36,7 @@ SCRIPT_DIR = Path(__file__).parent
 MIGRATIONS_DIR = SCRIPT_DIR.parent / "migrations"
 _MIGRATION_RE = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 BASELINE = "007"
-HEAD_VERSION = 8
+HEAD_VERSION = 9
 
 
 class MigrationError(LoopbotError, RuntimeError):
