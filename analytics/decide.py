@@ -763,9 +763,12 @@ def _paired_evidence(data: ExperimentArrays, config: DecisionConfig,
     open_terms = [mh_terms(*(parts[j] for parts in pending)) for j in range(width)]
     mh = mh_from_sums(*(c + sum(terms_j[i] for terms_j in open_terms)
                         for i, c in enumerate(sums)))
-    later = np.arange(2 * hours * width)[None, :] > since
-    settled = mh_from_sums(*(np.cumsum(np.where(later, t, 0.0), axis=1)[:, 2 * width - 1::2 * width]
-                             for t in terms))
+    # The horizon's persistence z, as _settled_z computes it for the votes: the hours from
+    # the first min_promotion_hours on, hour by hour, every table's terms summed.
+    later = np.arange(hours)[None, :] >= first
+    hourly = [mh_terms(*table) for table in tables]
+    settled = mh_from_sums(*(np.cumsum(np.where(later, sum(t[i] for t in hourly), 0.0), axis=1)
+                             for i in range(5)))
     log_e = process.log_e_plus[:, 2 * width - 1::2 * width]
     log_e_settled = process.log_e_plus_later[:, 2 * width - 1::2 * width]
 

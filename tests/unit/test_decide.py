@@ -679,3 +679,26 @@ def test_stats_show_the_paired_comparison() -> None:
     line = arm_lines(d_snap, d)[-1]
     assert "2430 voted texts scored by both prompts" in line
     assert "the prompts disagree on 13.4% of the texts voted right" in line
+
+
+def test_one_paired_table_equal_to_the_votes_is_the_accuracy_evidence() -> None:
+    """The paired comparison runs the accuracy evidence's own machinery (strata, e-process,
+    persistence, horizon z): fed the votes as its one table, it gives the same numbers."""
+    from analytics.decide import PairedVotes, _accuracy_evidence, _paired_evidence
+    from analytics.simulate import SCENARIOS, simulate_traffic
+
+    traffic = simulate_traffic(SCENARIOS["S2"], 0.1, 30, np.random.default_rng(3), 10, 3,
+                               np.random.default_rng(4))
+    data = traffic.arrays
+    none = np.zeros_like(data.votes_a)
+    as_pairs = dataclasses.replace(data, pairs=PairedVotes(
+        right_a=data.votes_a, right_other_wrong_a=data.correct_a, wrong_a=none,
+        wrong_other_same_a=none, right_b=data.votes_b, right_other_wrong_b=data.correct_b,
+        wrong_b=none, wrong_other_same_b=none, two_labels=False))
+    deff = np.maximum(data.design_effect, 1.0)
+    paired = _paired_evidence(as_pairs, CFG, deff)
+    votes = _accuracy_evidence(data, CFG, deff)
+    np.testing.assert_allclose(paired.log_e_plus, votes.log_e_plus)
+    np.testing.assert_allclose(paired.z, votes.mh_z)
+    np.testing.assert_allclose(paired.log_e_settled, votes.log_e_settled)
+    np.testing.assert_allclose(paired.settled_z, votes.settled_z)
