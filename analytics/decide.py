@@ -470,7 +470,9 @@ class PairedVotes:
     more accurate exactly when n01 > n10, i.e. when the second share is the larger. Only
     votes that say "correct" are used, so it needs no true label for a verdict voted wrong,
     whatever the number of labels. The assumption: within an arm, whether a right verdict
-    gets a vote does not depend on whether the other prompt would have agreed.
+    gets a vote does not depend on whether the other prompt would have agreed. It fails when
+    users vote by the confidence shown and the prompts differ in confidence on the texts
+    they disagree on (the README gives the measured size); the votes alone fail then too.
 
     The counts of verdicts voted wrong measure the propensities themselves: verdicts both
     prompts get right (wrong) are the same texts in both arms, so their votes per served
@@ -1064,15 +1066,20 @@ def _choose(data: ExperimentArrays, config: DecisionConfig, k: int, acc: _Accura
         # With the paired comparison (PairedVotes) the promotion evidence is its own: who
         # votes cannot bias it, so the false-promotion budget holds however the arms are
         # voted on. The votes must point the same way. Where the two views disagree (one
-        # finds the candidate better, the other does not), a difference in who votes is
-        # the likely reason: hold, and at the horizon freeze for a person to look.
+        # finds the candidate better, the other does not), a difference in who votes may be
+        # the reason: hold, and at the horizon freeze for a person to look. Before the
+        # horizon only the always-valid evidence counts as "finds it better": the horizon's
+        # z bar, crossed by one view at an intermediate look, says nothing yet (and a hold
+        # there would stop ramps while the slower view catches up).
         paired_better = (paired.log_e_plus >= vote_bar) & day_old
         paired_horizon = config.horizon_fallback & (paired.z >= bars.horizon_z)
         votes_agree = acc.mh_z > 0
         better = paired_better & votes_agree
         horizon_better = paired_horizon & votes_agree
-        disagree = (((paired_better | paired_horizon) & ~votes_agree)
-                    | ((votes_better | votes_horizon) & ~(paired_better | paired_horizon)))
+        at_end = (((paired_better | paired_horizon) & ~votes_agree)
+                  | ((votes_better | votes_horizon) & ~(paired_better | paired_horizon)))
+        before_end = (paired_better & ~votes_agree) | (votes_better & ~paired_better)
+        disagree = np.where(at_horizon, at_end, before_end)
     else:
         better, horizon_better = votes_better, votes_horizon
         disagree = np.zeros((batch, hours), dtype=np.bool_)
@@ -1124,9 +1131,9 @@ def _choose(data: ExperimentArrays, config: DecisionConfig, k: int, acc: _Accura
         (at_horizon & horizon_worse, REVERT, Rule.HORIZON_WORSE),
         (at_horizon, RETIRE, Rule.HORIZON_RETIRE),
         (better & enough, HOLD, Rule.FADING),
-        (disagree, HOLD, Rule.PAIRED),
         (better, HOLD, Rule.MIN_VOTES),
         (ramp, RAMP, Rule.RAMP),
+        (disagree, HOLD, Rule.PAIRED),
     ]
     conditions = [c for c, _, _ in policy]
     action = np.select(conditions, [a for _, a, _ in policy], default=HOLD).astype(np.int8)
@@ -1527,6 +1534,8 @@ def decision_at(traj: Trajectory, i: int, snapshot: ExperimentSnapshot,
 
 def _stats_at(traj: Trajectory, i: int, snapshot: ExperimentSnapshot, config: DecisionConfig,
               k: int) -> DecisionStats:
+    # The paired comparison's numbers only where it decides.
+    paired = snapshot.paired and config.paired_comparison
     va, ca = int(traj.votes_a[0, i]), int(traj.correct_a[0, i])
     vb, cb = int(traj.votes_b[0, i]), int(traj.correct_b[0, i])
     acc_a, acc_b = accuracy_summary(va, ca), accuracy_summary(vb, cb)
@@ -1563,12 +1572,12 @@ def _stats_at(traj: Trajectory, i: int, snapshot: ExperimentSnapshot, config: De
         settled_e=e_value(traj.log_e_settled),
         propensity_ratio=math.exp(float(traj.propensity_log_ratio[0, i])),
         propensity_z=float(traj.propensity_z[0, i]),
-        paired_e=e_value(traj.log_e_paired) if snapshot.paired else None,
-        paired_z=nan_none(traj.paired_z) if snapshot.paired else None,
+        paired_e=e_value(traj.log_e_paired) if paired else None,
+        paired_z=nan_none(traj.paired_z) if paired else None,
         paired_right_vote_ratio=nan_none(traj.paired_right_vote_ratio),
         paired_wrong_vote_ratio=nan_none(traj.paired_wrong_vote_ratio),
-        paired_scored=_paired_scored(snapshot, i) if snapshot.paired else None,
-        paired_disagreement=_paired_disagreement(snapshot, i) if snapshot.paired else None,
+        paired_scored=_paired_scored(snapshot, i) if paired else None,
+        paired_disagreement=_paired_disagreement(snapshot, i) if paired else None,
         min_votes=float(traj.min_votes[0, i]),
         reactions_e=e_value(traj.log_e_reactions),
         down_ratio=nan_none(traj.down_ratio),

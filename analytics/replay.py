@@ -6,7 +6,8 @@ A log holds one or more runs (experiments), each a time-ordered list of events:
 - ``verdict``: a verdict served (``arm`` active or candidate, ``interaction``, ``user``,
   ``text`` — any key equal for the same or near-identical text —, ``label``,
   ``confidence``; optionally ``other_label``, the label the other arm's prompt gives the same
-  text, and ``labels``, how many labels the prompts choose from);
+  text (null: not scored yet; the key on any verdict makes the run paired), and ``labels``,
+  how many labels the prompts choose from);
 - ``vote``: feedback on an interaction (``user``, ``correct``);
 - ``reaction``: 👍/👎 on an interaction's reply (``user``, ``polarity`` ±1).
 
@@ -257,10 +258,12 @@ def _feedback(agg: _Aggregates, log: RunLog, start: float, arm_of: Mapping[Any, 
     band = {ids[e["interaction"]]: band_of(_confidence(e)) for e in log.verdicts}
     other = {ids[e["interaction"]]: e.get("label") != e["other_label"]
              for e in log.verdicts if e.get("other_label") is not None}
-    if other:
+    # A run is paired when its verdicts carry the key, even with no label yet (the bot then
+    # holds rather than decide on votes alone, and so must the replay).
+    keyed = [e for e in log.verdicts if "other_label" in e]
+    if keyed:
         agg.paired = True
-        agg.two_labels = all(e.get("labels") == 2 for e in log.verdicts
-                             if e.get("other_label") is not None)
+        agg.two_labels = all(e.get("labels") == 2 for e in keyed)
     obs = cap_per_text_day(
         observations([VoteEvent(ids[v["interaction"]], _user(v["user"]), float(v["at"]),
                                 bool(v["correct"])) for v in kept]),

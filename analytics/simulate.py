@@ -254,14 +254,18 @@ def _paired_votes(scenario: Scenario, counts: dict[str, IntArray], p_a: FloatArr
     """What the other arm's prompt says on each observation's text, every one scored.
 
     The two prompts' joint correctness per hour: they disagree on d = max(discordance,
-    |p_b − p_a|) of the texts, n01 = (d + Δ)/2 where only the candidate is right and
-    n10 = (d − Δ)/2 where only the active prompt is. Given that an arm's verdict was voted
-    right, the other prompt is wrong with n10 / p_a (arm a) or n01 / p_b (arm b); given it
-    was voted wrong, the other is wrong too with n00 / (1 − p). Who votes depends only on
-    the shown verdict's correctness (as in the scenarios), so these are the true conditional
-    shares. Each observation is drawn on its own (a viral text's copies are not tied)."""
+    |p_b − p_a|) of the texts, at most what the accuracies allow; n01 = (d + Δ)/2 where only
+    the candidate is right and n10 = (d − Δ)/2 where only the active prompt is. Given that
+    an arm's verdict was voted right, the other prompt is wrong with n10 / p_a (arm a) or
+    n01 / p_b (arm b); given it was voted wrong, the other is wrong too with n00 / (1 − p).
+    Who votes depends only on the shown verdict's correctness (as in the scenarios), so these
+    are the true conditional shares. Each observation is drawn on its own (a viral text's
+    copies are not tied)."""
     delta = p_b - p_a
-    d = np.maximum(scenario.discordance, np.abs(delta))
+    # At most what both accuracies allow (n00 and n11 not negative: a base accuracy drifting
+    # towards 90% leaves the two prompts few texts to disagree on).
+    d = np.minimum(np.maximum(scenario.discordance, np.abs(delta)),
+                   np.minimum((1 - p_a) + (1 - p_b), p_a + p_b))
     n01, n10 = (d + delta) / 2, (d - delta) / 2
     n00 = np.clip(1.0 - p_a - n01, 0.0, 1.0)
     right_a, right_b = counts["xa"], counts["xb"]

@@ -577,8 +577,10 @@ async def _run_events(db: Database, exp: Experiment, now: float,
                      "interaction": r.id, "user": r.user_id,
                      "text": f"k{group}" if r.text else None, "label": r.label,
                      "confidence": r.confidence, "labels": labels.get(r.version_id)}
-            if r.id in other_labels:
-                event["other_label"] = other_labels[r.id]
+            if snap.paired:
+                # Every verdict of a paired test carries the key (null while unscored), so
+                # the replay decides it paired, as the bot did, even before any label.
+                event["other_label"] = other_labels.get(r.id)
             events.append(event)
     for v in await reader.votes(snap.active_id, run, exp.start, end):
         events.append({"kind": "vote", "run": run, "at": v.created_at,

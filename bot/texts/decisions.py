@@ -77,8 +77,9 @@ def _worse(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> s
 def _better(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
     if s.paired_e is not None:
         return (f"candidate better on the same texts: paired E⁺ = {_e(s.paired_e)} ≥ "
-                f"{s.promote_threshold:.0f} (both prompts scored every voted text), and the "
-                f"votes agree (MH z = {s.mh_z:.2f}); {_arms(snap, s)}; promoting")
+                f"{s.promote_threshold:.0f} ({s.paired_scored or 0} of "
+                f"{s.votes_a + s.votes_b} voted texts scored by both prompts), and the votes "
+                f"agree (MH z = {s.mh_z:.2f}); {_arms(snap, s)}; promoting")
     return (f"candidate better: E⁺ = {_e(s.e_plus)} ≥ {s.promote_threshold:.0f}; "
             f"{_arms(snap, s)}; promoting")
 
@@ -95,22 +96,28 @@ def _horizon_mh(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats)
 def _paired(snap: ExperimentSnapshot, cfg: DecisionConfig, s: DecisionStats) -> str:
     verb = ("test frozen: neither promoted nor reverted" if s.hours_left <= 0
             else "holding")
+    observations = s.votes_a + s.votes_b
     paired = (f"paired E⁺ = {_e(s.paired_e or 0.0)}, z = {s.paired_z or 0.0:.2f}, on "
-              f"{s.paired_scored or 0} of {s.votes_a + s.votes_b} voted texts scored by both "
-              "prompts")
-    if s.mh_z <= 0:
+              f"{s.paired_scored or 0} of {observations} voted texts scored by both prompts")
+    if (s.paired_scored or 0) < 0.5 * observations:
+        # Not a difference in who votes: the labels are missing.
+        view = (f"most voted texts lack the other prompt's label ({paired}): the scheduled "
+                "job scores them before each analysis (its log says why when it cannot), "
+                "and until they have one the votes alone do not decide")
+    elif s.mh_z <= 0:
         view = (f"on the same texts {snap.candidate_id} does better ({paired}) but accuracy "
-                f"among voters points the other way (MH z = {s.mh_z:.2f})")
+                f"among voters points the other way (MH z = {s.mh_z:.2f}): who votes may "
+                f"differ between the arms{_paired_rates(snap, s)}")
+    elif (s.paired_z or 0.0) <= 0:
+        view = (f"accuracy among voters finds {snap.candidate_id} better (E⁺ = "
+                f"{_e(s.e_plus)}, MH z = {s.mh_z:.2f}) but on the same texts it is not "
+                f"({paired}): who votes may differ between the arms{_paired_rates(snap, s)}")
     else:
         view = (f"accuracy among voters finds {snap.candidate_id} better (E⁺ = "
-                f"{_e(s.e_plus)}, MH z = {s.mh_z:.2f}) but on the same texts it is not, or "
-                f"not yet ({paired})")
-    unscored = ""
-    if (s.paired_scored or 0) < 0.5 * (s.votes_a + s.votes_b):
-        unscored = ("; most voted texts lack the other prompt's label: the scheduled job "
-                    "scores them before each analysis (its log says why when it cannot)")
-    return (f"{view}: who votes may differ between the arms{_paired_rates(snap, s)}"
-            f"{unscored}; {_arms(snap, s)}; {verb}")
+                f"{_e(s.e_plus)}, MH z = {s.mh_z:.2f}); on the same texts the evidence has "
+                f"not reached its bar ({paired}, promote at {s.promote_threshold:.0f})"
+                f"{_paired_rates(snap, s)}")
+    return f"{view}; {_arms(snap, s)}; {verb}"
 
 
 def _paired_rates(snap: ExperimentSnapshot, s: DecisionStats) -> str:

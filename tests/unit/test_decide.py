@@ -644,7 +644,7 @@ def test_the_paired_comparison_can_be_switched_off() -> None:
     rows = paired_hours(36, EVEN, PICKY, SELECTED_PAIRS)
     off = dataclasses.replace(NO_BAND_GUARD, paired_comparison=False)
     d = decide(snap(rows, paired=True, two_labels=True), off)
-    assert d.action == "promote" and stats_of(d).paired_e is not None
+    assert d.action == "promote" and stats_of(d).paired_e is None
     arrays, _ = snapshot_arrays(snap(rows))
     assert arrays.pairs is None  # an unpaired snapshot carries no pairs at all
 
@@ -666,6 +666,7 @@ def test_a_paired_test_without_labels_holds_and_says_why() -> None:
     assert stats_of(held).paired_scored == 0
     text = reason(held, d_snap, CFG)
     assert "on 0 of" in text and "lack the other prompt's label" in text
+    assert "who votes" not in text  # missing labels are not a difference in who votes
 
 
 def test_stats_show_the_paired_comparison() -> None:
@@ -702,3 +703,14 @@ def test_one_paired_table_equal_to_the_votes_is_the_accuracy_evidence() -> None:
     np.testing.assert_allclose(paired.z, votes.mh_z)
     np.testing.assert_allclose(paired.log_e_settled, votes.log_e_settled)
     np.testing.assert_allclose(paired.settled_z, votes.settled_z)
+
+
+def test_a_view_ahead_of_the_other_before_the_horizon_does_not_stop_a_ramp() -> None:
+    # Eight hours of a 10% smoke period whose votes already clear the horizon's z bar (a
+    # fixed-time bar, read only at the horizon) while the paired comparison finds nothing:
+    # not a disagreement yet, so the plan's ramp goes ahead.
+    rows = [dataclasses.replace(row, planned_share=0.1, new_users_a=18, new_users_b=2)
+            for row in paired_hours(8, EVEN, PICKY, SELECTED_PAIRS)]
+    d = decide(snap(rows, share=0.1, paired=True, two_labels=True), NO_BAND_GUARD)
+    assert stats_of(d).mh_z >= stats_of(d).horizon_z
+    assert d.action == "ramp"

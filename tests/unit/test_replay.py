@@ -89,3 +89,21 @@ def test_events_are_checked() -> None:
                     (2, {"kind": "click", "run": 1, "at": 0})])
     with pytest.raises(ReplayError, match="share must be in"):
         group_runs([(1, {"kind": "share", "run": 1, "at": 0, "share": 1.5})])
+
+
+def test_a_paired_run_without_labels_yet_is_replayed_paired() -> None:
+    """The bot holds a paired test whose voted texts lack the other prompt's label; its log
+    marks every verdict with a null ``other_label``, and the replay holds it too."""
+    traffic = simulate_traffic(SCENARIOS["S1"], 0.10, 1, np.random.default_rng(8),
+                               CFG.max_votes_per_user_day, CFG.max_observations_per_text_day)
+    events = run_events(traffic, SCENARIOS["S1"], 0)
+    for event in events:
+        if event["kind"] == "verdict":
+            event["other_label"] = None
+    log = group_runs(list(enumerate(events)))["0"]
+    result = replay_run(log, CFG)
+    assert result.arrays.pairs is not None and result.arrays.pairs.right_a.sum() == 0
+    assert result.action != "promote"
+    for event in events:
+        event.pop("other_label", None)
+    assert replay_run(group_runs(list(enumerate(events)))["0"], CFG).action == "promote"
