@@ -277,3 +277,22 @@ def test_servers_serving_different_models_are_refused_at_start() -> None:
 def test_bad_server_urls_are_named(urls: list[str], words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         load_settings(None, env={}, overrides={"model.backend": "remote", "model.url": urls})
+
+
+def test_event_lines_split_only_at_newlines() -> None:
+    """A token's text may hold U+2028, U+0085 or \\x1c raw inside a JSON string (llama-server
+    writes it so); httpx's aiter_lines would split there and break the JSON."""
+    import httpx
+
+    from bot.llm.remote.pool import sse_lines
+
+    body = ('data: {"content":"a\u2028b\u0085c\x1cd"}\r\n\n'
+            'data: {"content":"e"}\n\ndata: [DONE]').encode()
+
+    async def run() -> list[str]:
+        response = httpx.Response(200, stream=httpx.ByteStream(body))
+        return [line async for line in sse_lines(response)]
+
+    lines = asyncio.run(run())
+    assert lines == ['data: {"content":"a\u2028b\u0085c\x1cd"}', "",
+                     'data: {"content":"e"}', "", "data: [DONE]"]

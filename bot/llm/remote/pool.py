@@ -235,9 +235,26 @@ def parse_json(server: Server, path: str, response: httpx.Response) -> Any:
                              f"is not JSON: {response.text[:120]!r}") from None
 
 
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The lines of a server-sent event stream, split at "\n" (and "\r\n") only.
+
+    Why not ``aiter_lines``: httpx splits like ``str.splitlines``, also at U+2028, U+2029,
+    U+0085 and \x1c-\x1e, which JSON may carry raw inside a string. llama-server writes a
+    token's text raw, so a reply containing one of them (a random-weight model's did) was cut
+    in two and read as broken JSON."""
+    buffer = ""
+    async for chunk in response.aiter_text():
+        buffer += chunk
+        *lines, buffer = buffer.split("\n")
+        for line in lines:
+            yield line.removesuffix("\r")
+    if buffer:
+        yield buffer.removesuffix("\r")
+
+
 async def _events(server: Server, path: str,
                   response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    async for line in response.aiter_lines():
+    async for line in sse_lines(response):
         if not line.startswith("data:"):
             continue  # blank separators, comments, "event:" lines
         data = line[5:].strip()
